@@ -1,0 +1,4 @@
+"""Backbone families, one module each; importing a module registers its models with timm.
+
+Add a family here only once its module imports cleanly.
+"""

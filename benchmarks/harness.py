@@ -1,0 +1,137 @@
+"""Shared benchmark harness: median timings, peak memory, measured ceilings, stamped JSON + Markdown.
+
+Every benchmark script builds a :class:`Report`, adds one row per measurement and calls
+:meth:`Report.save`, which writes ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device
+and library versions in the header. A speed claim in the README points at one of those files.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """Device name and library versions, the stamp every result carries."""
+    import timm
+
+    import attnzoo
+
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "attnzoo": attnzoo.__version__,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        env.update(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return env
+
+
+def time_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()``.
+
+    On CUDA this is ``triton.testing.do_bench`` (events, L2 flushed; ``warmup``/``rep`` in ms). On CPU
+    (``--quick`` smoke runs) a host-clock median over a few calls.
+    """
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_mib(fn: Callable[[], Any]) -> float | None:
+    """Peak CUDA memory allocated while ``fn()`` runs, in MiB (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measured_bandwidth_gbs(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus written (the HBM ceiling)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def measured_matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matrix-product rate in TFLOP/s on random data (the arithmetic ceiling)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+class Report:
+    """Rows of one benchmark run, written as JSON and a Markdown table."""
+
+    def __init__(self, name: str, title: str, columns: list[str] | None = None, notes: str = ""):
+        self.name, self.title, self.columns, self.notes = name, title, columns, notes
+        self.env = environment()
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, **row: Any) -> dict[str, Any]:
+        self.rows.append(row)
+        return row
+
+    def markdown(self) -> str:
+        cols = self.columns or list(dict.fromkeys(k for r in self.rows for k in r))
+        lines = [f"# {self.title}", "", "| " + " | ".join(f"{k}" for k in self.env) + " |",
+                 "|" + "---|" * len(self.env), "| " + " | ".join(str(v) for v in self.env.values()) + " |", ""]
+        if self.notes:
+            lines += [self.notes, ""]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: Path | str = RESULTS_DIR) -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        js, md = out_dir / f"{self.name}.json", out_dir / f"{self.name}.md"
+        js.write_text(json.dumps({"title": self.title, "env": self.env, "rows": self.rows}, indent=1) + "\n")
+        md.write_text(self.markdown())
+        return js, md
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

@@ -1,0 +1,31 @@
+"""Suite-wide setup: Triton's interpreter on machines without CUDA, and the gpu marker.
+
+Triton picks the interpreter when a kernel is decorated, so TRITON_INTERPRET must be set before
+``attnzoo.kernels`` is imported; this module is imported before any test module.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: run `make test-gpu` on a GPU machine")
+    skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 set before attnzoo.kernels is imported")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "triton_interpret" in item.keywords and not TRITON_INTERPRET:
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

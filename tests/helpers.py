@@ -1,0 +1,40 @@
+"""Numerical comparison helpers shared by the kernel and model tests.
+
+Tolerances follow the device METHOD: relative L2 error against a float64 reference.
+"""
+from __future__ import annotations
+
+import torch
+
+# Relative L2 tolerances per dtype of the computation under test.
+REL_L2_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,  # plain fp32 arithmetic (CPU, Triton interpreter)
+    torch.float16: 3e-3,
+    torch.bfloat16: 1e-2,
+}
+TF32_REL_L2_TOL = 5e-4  # fp32 tl.dot on a GPU runs tf32 unless told otherwise
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ computed in float64; NaN anywhere gives NaN."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref64.norm()
+    err = (out64 - ref64).norm()
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def assert_rel_l2(out: torch.Tensor, ref: torch.Tensor, tol: float | None = None, name: str = "output") -> None:
+    """Fail unless ``out`` matches ``ref`` in shape, is finite, and is within ``tol`` relative L2 error."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
+    tol = REL_L2_TOL[out.dtype] if tol is None else tol
+    err = rel_l2(out, ref)
+    assert err <= tol, f"{name}: relative L2 error {err:.3e} > {tol:.1e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (or the integer minimum) so an element the kernel never writes shows up."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).min)
