@@ -2,3 +2,18 @@
 
 Import blocks from their modules, e.g. ``from attnzoo.blocks.neighborhood import NeighborhoodAttention2d``.
 """
+from torch import nn
+
+from attnzoo.kernels._dispatch import BACKENDS
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Route every attnzoo attention block in ``model`` to one kernel backend ("auto", "triton",
+    "reference", or a baseline such as "flex" where the op offers one); used by benchmarks and tests."""
+    for module in model.modules():
+        if hasattr(module, "attn_backend"):
+            module.attn_backend = backend
+    return model
+
+
+__all__ = ["BACKENDS", "set_attention_backend"]
