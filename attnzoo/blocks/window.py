@@ -1,0 +1,102 @@
+"""Window / grid (partitioned) multi-head self-attention on NHWC maps.
+
+The attention layer of MaxViT (block and grid attention), DaViT (spatial windows) and Swin-style
+models (shifted windows), computed by :func:`attnzoo.kernels.partitioned_attention` straight on the
+feature map: no window partition or reverse copies, and maps of any size (padded, masked).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from timm.layers import to_2tuple, trunc_normal_
+from torch import nn
+
+from attnzoo.kernels.partitioned_attention import MODES, partitioned_attention
+
+
+class PartitionAttention2d(nn.Module):
+    """Multi-head self-attention inside windows or grid groups: ``[B, H, W, C] -> [B, H, W, C]``.
+
+    Parameters (state-dict names), as converters map official keys onto them:
+
+    * ``qkv``: ``nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)``; output channels ordered
+      ``(3, heads, head_dim)`` (q of all heads, then k, then v), the order of timm's Swin, DaViT and
+      TF MaxViT ``qkv`` layers.
+    * ``relative_position_bias_table`` (only with ``rel_pos_bias=True``): ``[num_heads, 2*ph-1, 2*pw-1]``;
+      entry ``[h, dy + ph-1, dx + pw-1]`` is added to the logit of a query and a key ``(dy, dx) = key −
+      query`` apart inside the partition (group coordinates in grid mode). TF MaxViT's table (timm
+      ``RelPosBiasTf``) loads as is; a Swin table ``[(2ph-1)*(2pw-1), heads]`` (query − key, row-major)
+      loads as ``t.T.reshape(heads, 2ph-1, 2pw-1).flip(1, 2)``.
+    * ``proj``: ``nn.Linear(num_heads * head_dim, dim, bias=proj_bias)``.
+
+    DaViT: ``qkv_bias=True``, no bias table, no shift. Swin / Agent-Swin: bias table, ``shift_size`` =
+    window // 2 on odd blocks. MaxViT: bias table, ``mode="window"`` then ``mode="grid"``.
+
+    ``attn_backend`` ("auto", "triton", "reference") is passed to the kernel as ``backend=``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        partition_size: int | Sequence[int] = 7,
+        mode: str = "window",
+        shift_size: int | Sequence[int] = 0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        rel_pos_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if (num_heads is None) == (head_dim is None):
+            raise ValueError(f"PartitionAttention2d: give exactly one of num_heads, head_dim "
+                             f"(got num_heads={num_heads}, head_dim={head_dim})")
+        if num_heads is None:
+            if dim % head_dim:
+                raise ValueError(f"PartitionAttention2d: dim {dim} must be a multiple of head_dim {head_dim}")
+            num_heads = dim // head_dim
+        elif head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"PartitionAttention2d: dim {dim} must be a multiple of num_heads {num_heads}")
+            head_dim = dim // num_heads
+        if mode not in MODES:
+            raise ValueError(f"PartitionAttention2d: mode must be one of {MODES}, got {mode!r}")
+        if attn_drop != 0.0:
+            raise ValueError(f"PartitionAttention2d: attn_drop must be 0.0 (the fused kernel has no attention "
+                             f"dropout; use drop_path / proj_drop), got {attn_drop}")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.partition_size = to_2tuple(partition_size)
+        self.mode = mode
+        self.shift_size = to_2tuple(shift_size)
+        self.scale = head_dim ** -0.5
+        self.attn_backend = "auto"
+
+        attn_dim = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * attn_dim, bias=qkv_bias)
+        if rel_pos_bias:
+            ph, pw = self.partition_size
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, 2 * ph - 1, 2 * pw - 1))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.relative_position_bias_table = None
+        self.proj = nn.Linear(attn_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        rpb = self.relative_position_bias_table
+        out = partitioned_attention(
+            q, k, v, self.partition_size, mode=self.mode, shift=self.shift_size,
+            rpb=rpb, scale=self.scale, backend=self.attn_backend)
+        return self.proj_drop(self.proj(out.reshape(B, H, W, -1)))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, partition_size={self.partition_size}, "
+                f"mode={self.mode!r}, shift_size={self.shift_size}")
+
+
+__all__ = ["PartitionAttention2d"]

@@ -1,0 +1,113 @@
+"""Pure-PyTorch partitioned attention: the reference every other backend is tested against.
+
+It materialises what the Triton kernel only indexes: the map is zero-padded to a multiple of the
+partition, cyclically shifted (window mode), cut into partitions, and attention runs per partition with
+the relative-position bias and a boolean mask (padding and Swin's shift regions) added to the logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_size(size: int, part: int) -> int:
+    """Smallest multiple of ``part`` that holds ``size``."""
+    return -(-size // part) * part
+
+
+def _row_labels(length: int, padded: int, part: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of the shifted, padded axis: whether it is a real token and its Swin region (0, 1 or 2)."""
+    r = torch.arange(padded, device=device)
+    valid = ((r + shift) % padded) < length
+    region = torch.zeros(padded, dtype=torch.long, device=device)
+    if shift > 0:
+        region = (r >= padded - part).long() + (r >= padded - shift).long()
+    return valid, region
+
+
+def _partition(x: torch.Tensor, part: tuple[int, int], mode: str) -> torch.Tensor:
+    """[B, Hp, Wp, ...] -> [B, nP, ph*pw, ...]: window mode takes contiguous blocks, grid mode strided groups."""
+    B, Hp, Wp = x.shape[:3]
+    ph, pw = part
+    rest = x.shape[3:]
+    if mode == "window":
+        x = x.reshape(B, Hp // ph, ph, Wp // pw, pw, *rest).transpose(2, 3)
+    else:  # member (i, j) of group (r, c) sits at (i * Hp/ph + r, j * Wp/pw + c)
+        x = x.reshape(B, ph, Hp // ph, pw, Wp // pw, *rest).permute(0, 2, 4, 1, 3, *range(5, 5 + len(rest)))
+    return x.reshape(B, -1, ph * pw, *rest)
+
+
+def _unpartition(x: torch.Tensor, part: tuple[int, int], mode: str, Hp: int, Wp: int) -> torch.Tensor:
+    """Inverse of :func:`_partition`."""
+    B = x.shape[0]
+    ph, pw = part
+    rest = x.shape[3:]
+    if mode == "window":
+        x = x.reshape(B, Hp // ph, Wp // pw, ph, pw, *rest).transpose(2, 3)
+    else:
+        x = x.reshape(B, Hp // ph, Wp // pw, ph, pw, *rest).permute(0, 3, 1, 4, 2, *range(5, 5 + len(rest)))
+    return x.reshape(B, Hp, Wp, *rest)
+
+
+def partition_mask(H: int, W: int, part: tuple[int, int], mode: str, shift: tuple[int, int],
+                   device: torch.device) -> torch.Tensor:
+    """Boolean ``[nP, N, N]``: query ``n`` of partition ``p`` may attend to key ``m``.
+
+    A key is allowed when it is a real (not padded) token and, with a shift, lies in the query's Swin
+    region. Rows with no allowed key belong to padded queries, whose outputs are discarded.
+    """
+    ph, pw = part
+    Hp, Wp = padded_size(H, ph), padded_size(W, pw)
+    vr, rr = _row_labels(H, Hp, ph, shift[0], device)
+    vc, rc = _row_labels(W, Wp, pw, shift[1], device)
+    valid = (vr[:, None] & vc[None, :])[None, :, :, None]
+    region = (rr[:, None] * 3 + rc[None, :])[None, :, :, None]
+    valid = _partition(valid, part, mode)[0, ..., 0]  # [nP, N]
+    region = _partition(region, part, mode)[0, ..., 0]
+    return valid[:, None, :] & (region[:, :, None] == region[:, None, :])
+
+
+def rpb_bias(rpb: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
+    """Expand a table ``[heads, 2ph-1, 2pw-1]`` to ``[heads, N, N]``: bias[h, q, k] = rpb[h, dk_y + ph-1, dk_x + pw-1]
+    with ``dk = key position - query position`` inside the partition."""
+    ph, pw = part
+    ys, xs = torch.meshgrid(torch.arange(ph, device=rpb.device), torch.arange(pw, device=rpb.device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[None, :] - ys[:, None] + ph - 1
+    dx = xs[None, :] - xs[:, None] + pw - 1
+    return rpb[:, dy, dx]
+
+
+def partitioned_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    partition_size: tuple[int, int],
+    mode: str,
+    shift: tuple[int, int],
+    rpb: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Partitioned attention on ``[B, H, W, heads, D]`` tensors (arguments already checked), output alike."""
+    B, H, W, nh, D = q.shape
+    ph, pw = partition_size
+    Hp, Wp = padded_size(H, ph), padded_size(W, pw)
+
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+        if any(shift):
+            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        return _partition(t, partition_size, mode).transpose(2, 3)  # [B, nP, heads, N, D]
+
+    qp, kp, vp = prep(q), prep(k), prep(v)
+    logits = (qp * scale) @ kp.transpose(-1, -2)  # [B, nP, heads, N, N]
+    if rpb is not None:
+        logits = logits + rpb_bias(rpb, partition_size).to(logits.dtype)
+    allowed = partition_mask(H, W, partition_size, mode, shift, q.device)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padded queries: any finite row, discarded below
+    logits = logits.masked_fill(~allowed[None, :, None], float("-inf"))
+    out = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype) @ vp  # [B, nP, heads, N, D]
+    out = _unpartition(out.transpose(2, 3), partition_size, mode, Hp, Wp)
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=(1, 2))
+    return out[:, :H, :W]

@@ -1,0 +1,126 @@
+"""Partitioned attention: reference vs a brute-force float64 definition, Triton vs reference, the block."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.blocks import set_attention_backend
+from attnzoo.blocks.window import PartitionAttention2d
+from attnzoo.kernels.partitioned_attention import partitioned_attention
+from tests.helpers import TF32_REL_L2_TOL, assert_rel_l2, poison_
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def brute_force(q, k, v, part, mode, shift=(0, 0), rpb=None, scale=None):
+    """Token-by-token float64 definition: for each real query, list its partition's keys by coordinates."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, W, nh, D = q.shape
+    ph, pw = part
+    Hp, Wp = -(-H // ph) * ph, -(-W // pw) * pw
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+
+    def region(r, padded, p, s):  # Swin's three slices of the shifted axis
+        return 0 if s == 0 or r < padded - p else (1 if r < padded - s else 2)
+
+    for y in range(H):
+        for x in range(W):
+            if mode == "window":
+                ry, rx = (y - shift[0]) % Hp, (x - shift[1]) % Wp  # position on the rolled map
+                y0, x0 = ry // ph * ph, rx // pw * pw
+                members = [((y0 + i + shift[0]) % Hp, (x0 + j + shift[1]) % Wp, y0 + i, x0 + j, i, j)
+                           for i in range(ph) for j in range(pw)]
+                qi, qj = ry - y0, rx - x0
+                qreg = (region(ry, Hp, ph, shift[0]), region(rx, Wp, pw, shift[1]))
+            else:
+                sh, sw = Hp // ph, Wp // pw
+                members = [(i * sh + y % sh, j * sw + x % sw, None, None, i, j) for i in range(ph) for j in range(pw)]
+                qi, qj = y // sh, x // sw
+                qreg = None
+            keys, biases = [], []
+            for ky, kx, rky, rkx, i, j in members:
+                if ky >= H or kx >= W:
+                    continue
+                if qreg is not None and (region(rky, Hp, ph, shift[0]), region(rkx, Wp, pw, shift[1])) != qreg:
+                    continue
+                keys.append((ky, kx))
+                biases.append(None if rpb is None else rpb[:, i - qi + ph - 1, j - qj + pw - 1].double())
+            kk = torch.stack([k[:, a, b] for a, b in keys], 1)  # [B, n, nh, D]
+            vv = torch.stack([v[:, a, b] for a, b in keys], 1)
+            logits = torch.einsum("bhd,bnhd->bhn", q[:, y, x] * scale, kk)
+            if rpb is not None:
+                logits = logits + torch.stack(biases, 1)[None]
+            out[:, y, x] = torch.einsum("bhn,bnhd->bhd", logits.softmax(-1), vv)
+    return out
+
+
+CASES = [  # B, H, W, heads, D, partition, mode, shift, rpb
+    (2, 7, 7, 2, 8, (7, 7), "window", (0, 0), True),
+    (1, 9, 11, 3, 16, (4, 3), "window", (0, 0), True),
+    (2, 8, 10, 1, 8, (4, 5), "window", (2, 3), True),
+    (1, 11, 9, 2, 12, (4, 4), "window", (2, 1), False),
+    (2, 14, 14, 2, 8, (7, 7), "grid", (0, 0), True),
+    (1, 10, 13, 2, 16, (3, 4), "grid", (0, 0), True),
+    (1, 5, 6, 1, 8, (7, 7), "grid", (0, 0), False),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_brute_force(case):
+    B, H, W, nh, D, part, mode, shift, use_rpb = case
+    q, k, v = (torch.randn(B, H, W, nh, D, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(nh, 2 * part[0] - 1, 2 * part[1] - 1, dtype=torch.float64) if use_rpb else None
+    out = partitioned_attention(q, k, v, part, mode=mode, shift=shift, rpb=rpb, backend="reference")
+    assert_rel_l2(out, brute_force(q, k, v, part, mode, shift, rpb))
+
+
+def test_block_matches_timm_partition_layout():
+    """Window and grid modes partition exactly like timm's MaxViT helpers on divisible maps."""
+    from timm.models.maxxvit import grid_partition, window_partition
+
+    B, H, W, nh, D = 2, 14, 21, 2, 8
+    q, k, v = (torch.randn(B, H, W, nh, D, dtype=torch.float64) for _ in range(3))
+    for mode, fn in (("window", window_partition), ("grid", grid_partition)):
+        parts = [fn(t.reshape(B, H, W, -1), [7, 7]).reshape(-1, 49, nh, D).transpose(1, 2) for t in (q, k, v)]
+        o = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * D ** -0.5, -1) @ parts[2]
+        o = o.transpose(1, 2).reshape(-1, 7, 7, nh * D)
+        rev = __import__("timm.models.maxxvit", fromlist=["x"]).window_reverse if mode == "window" else \
+            __import__("timm.models.maxxvit", fromlist=["x"]).grid_reverse
+        expected = rev(o, [7, 7], [H, W]).reshape(B, H, W, nh, D)
+        assert_rel_l2(partitioned_attention(q, k, v, 7, mode=mode, backend="reference"), expected)
+
+
+def test_errors_name_the_argument():
+    q = torch.randn(1, 8, 8, 2, 8)
+    with pytest.raises(ValueError, match="mode"):
+        partitioned_attention(q, q, q, 4, mode="diag")
+    with pytest.raises(ValueError, match="shift"):
+        partitioned_attention(q, q, q, 4, shift=4)
+    with pytest.raises(ValueError, match="shift"):
+        partitioned_attention(q, q, q, 4, mode="grid", shift=1)
+    with pytest.raises(ValueError, match="rpb"):
+        partitioned_attention(q, q, q, 4, rpb=torch.zeros(2, 7, 8))
+    with pytest.raises(ValueError, match="k must have"):
+        partitioned_attention(q, q[:, :7], q, 4)
+    with pytest.raises(ValueError, match="partition_size"):
+        partitioned_attention(q, q, q, 0)
+    with pytest.raises(ValueError, match="backend"):
+        partitioned_attention(q, q, q, 4, backend="cuda")
+    with pytest.raises(ValueError, match="q must be"):
+        partitioned_attention(q[0], q[0], q[0], 4)
+    with pytest.raises(ValueError, match="attn_drop"):
+        PartitionAttention2d(16, num_heads=2, attn_drop=0.1)
+
+
+def test_block_shapes_backend_attribute_and_grad():
+    blk = PartitionAttention2d(32, head_dim=8, partition_size=(3, 4), mode="window", shift_size=(1, 2),
+                               rel_pos_bias=True)
+    assert blk.attn_backend == "auto" and blk.relative_position_bias_table.shape == (4, 5, 7)
+    x = torch.randn(2, 10, 9, 32, requires_grad=True)
+    y = blk(x)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and blk.relative_position_bias_table.grad.abs().sum() > 0
+    set_attention_backend(blk, "reference")
+    assert blk.attn_backend == "reference"
