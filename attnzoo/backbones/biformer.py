@@ -1,0 +1,321 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention.
+
+Paper: "BiFormer: Vision Transformer with Bi-Level Routing Attention", Zhu et al., CVPR 2023
+(https://arxiv.org/abs/2303.08810). Official code: https://github.com/rayleizhu/BiFormer (MIT).
+
+A four-stage pyramid (strides 4/8/16/32): overlapping conv stem and conv downsamplers with BatchNorm;
+blocks of a 3x3 depthwise-conv position embedding, bi-level routing attention (stages 1-3, top-k
+1/4/16 of ``n_win x n_win`` regions) or global attention with LePE (stage 4), and an MLP; a BatchNorm
+before the pooled linear head. Module and parameter names follow the official ``models/biformer.py``,
+so official checkpoints (``{"model": state_dict}``) load key for key.
+
+Dense prediction: any input size works (each routing attention pads its map to multiples of
+``n_win`` and crops, as the official ``auto_pad``); pass ``n_win=16`` (COCO) or ``n_win=8`` (ADE20K
+512x512) and, if wanted, ``topks`` at creation, like the official mmdet/mmseg configs.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, load_pretrained, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from attnzoo.blocks.routing import AttentionLePE, BiLevelRoutingAttention
+
+__all__ = ["BiFormer", "BiFormerBlock"]
+
+FULL_ATTENTION = -2  # the official code's topk value for global attention with LePE (stage 4)
+
+
+class BiFormerBlock(nn.Module):
+    """``x + dwconv3x3(x)``, then pre-norm attention and MLP residuals (LayerNorm eps 1e-6).
+
+    NCHW in and out, as the official block; attention and MLP run in NHWC. ``topk > 0`` selects
+    bi-level routing attention with ``num_heads`` heads, ``topk == -2`` global attention with LePE
+    (8 heads, the official default).
+    """
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
+                 side_dwconv: int = 5, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk == FULL_ATTENTION:
+            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
+        elif isinstance(topk, int) and not isinstance(topk, bool) and topk > 0:
+            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv)
+        else:
+            raise ValueError(f"BiFormerBlock: topk must be a positive int (routing attention) or "
+                             f"{FULL_ATTENTION} (global attention with LePE), got {topk!r}")
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(mlp_ratio * dim)
+        # Official layout (Linear, identity slot for an optional dwconv, GELU, Linear): keys mlp.0 / mlp.3.
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        x = x.permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2)
+
+
+def _per_stage(value: Any, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 4
+    if len(values) != 4:
+        raise ValueError(f"BiFormer: {name} must be one value or 4 (one per stage), got {value!r}")
+    return values
+
+
+class BiFormer(nn.Module):
+    """BiFormer classifier/backbone.
+
+    ``forward_features`` returns the final BatchNorm'ed NCHW map ``[B, embed_dims[-1], H/32, W/32]``;
+    ``forward_intermediates`` and ``features_only`` return the NCHW stage outputs at strides 4/8/16/32.
+    """
+
+    def __init__(
+            self,
+            depths: Sequence[int] = (2, 2, 8, 2),
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            head_dim: int = 32,
+            mlp_ratios: float | Sequence[float] = 3.0,
+            n_win: int | Sequence[int] = 7,
+            topks: Sequence[int] = (1, 4, 16, FULL_ATTENTION),
+            side_dwconv: int = 5,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            depths, embed_dims: blocks and channels per stage.
+            head_dim: routing-attention head width (heads = embed_dim // head_dim per stage).
+            mlp_ratios: MLP expansion, one value or one per stage.
+            n_win: regions per side for routing attention, one value or one per stage.
+            topks: routed regions per stage; ``-2`` = global attention with LePE (official encoding).
+            side_dwconv: LePE depthwise kernel size.
+            in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
+        """
+        super().__init__()
+        depths, embed_dims = _per_stage(depths, "depths"), _per_stage(embed_dims, "embed_dims")
+        mlp_ratios, n_wins, topks = (_per_stage(v, n) for v, n in
+                                     ((mlp_ratios, "mlp_ratios"), (n_win, "n_win"), (topks, "topks")))
+        for dim in embed_dims:
+            if dim % head_dim:
+                raise ValueError(f"BiFormer: embed_dims {embed_dims} must be multiples of head_dim={head_dim}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self._check_pool(global_pool, num_classes)
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+
+        stem = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(embed_dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
+            nn.BatchNorm2d(embed_dims[0]),
+        )
+        self.downsample_layers = nn.ModuleList([stem] + [
+            nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, stride=2, padding=1),
+                          nn.BatchNorm2d(embed_dims[i + 1]))
+            for i in range(3)])
+
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(depths)]
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[
+                BiFormerBlock(embed_dims[i], embed_dims[i] // head_dim, n_wins[i], topks[i],
+                              mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv, drop_path=dpr[i][j])
+                for j in range(depths[i])]))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _check_pool(global_pool: str, num_classes: int) -> None:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"BiFormer: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        if global_pool == "" and num_classes > 0:
+            raise ValueError("BiFormer: global_pool='' (no pooling) needs num_classes=0")
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^downsample_layers\.0",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^downsample_layers\.(\d+)", None),
+                (r"^stages\.(\d+)\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        global_pool = self.global_pool if global_pool is None else global_pool
+        self._check_pool(global_pool, num_classes)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[i](x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages[i], x)
+        return self.stages[i](x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """NCHW stage outputs (strides 4/8/16/32) for ``indices`` (last n if int, all if None).
+
+        ``norm`` applies the final BatchNorm to the last stage's output; ``stop_early`` skips stages
+        after the last one requested.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"BiFormer: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        n_run = max_index + 1 if stop_early else len(self.stages)
+        intermediates = []
+        for i in range(n_run):
+            x = self._run_stage(i, x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        if n_run - 1 == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the norm/head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.downsample_layers = self.downsample_layers[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(len(self.stages)):
+            x = self._run_stage(i, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official checkpoint file through timm's standard path (filter, head/stem adaptation,
+        strict keys). Used via ``custom_load``: timm then downloads to a per-variant file name, which the
+        official URLs (all ending in ``/content``) would not get from the default download."""
+        cfg = dict(self.pretrained_cfg, file=checkpoint_path, custom_load=False)
+        load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans,
+                        filter_fn=checkpoint_filter_fn, strict=True)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Official checkpoint -> attnzoo state dict: unwrap ``{"model": state_dict}`` (timm's file loader
+    already does; a URL download does not). Key names are the official ones and nothing is renamed or
+    dropped, so a wrong file fails strict loading with its missing/unexpected keys listed."""
+    return dict(state_dict.get("model", state_dict))
+
+
+def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        BiFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs)
+
+
+def _cfg(url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
+    return {
+        "url": (url, file_name) if url else "", "custom_load": bool(url),
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "downsample_layers.0.0", "classifier": "head",
+        "license": "mit", "paper_ids": "arXiv:2303.08810",
+        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        "origin_url": "https://github.com/rayleizhu/BiFormer",
+        **kwargs,
+    }
+
+
+_ONEDRIVE = "https://api.onedrive.com/v1.0/shares/{}/root/content"
+
+default_cfgs = generate_default_cfgs({
+    "biformer_tiny.in1k": _cfg(
+        url=_ONEDRIVE.format("s!AkBbczdRlZvChHEOoGkgwgQzEDlM"), file_name="biformer_tiny_in1k.pth",
+        notes=("ImageNet-1k top-1 81.4 (official)",)),
+    "biformer_small.in1k": _cfg(
+        url=_ONEDRIVE.format("s!AkBbczdRlZvChHDyM-x9KWRBZ832"), file_name="biformer_small_in1k.pth",
+        notes=("ImageNet-1k top-1 83.8 (official)",)),
+    "biformer_base.in1k": _cfg(
+        url=_ONEDRIVE.format("s!AkBbczdRlZvChHI_XPhoadjaNxtO"), file_name="biformer_base_in1k.pth",
+        notes=("ImageNet-1k top-1 84.3 (official)",)),
+})
+
+
+@register_model
+def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-T: depths 2-2-8-2, widths 64-512 (13.1 M params)."""
+    model_args = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512))
+    return _create_biformer("biformer_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-S: depths 4-4-18-4, widths 64-512 (25.5 M params)."""
+    model_args = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512))
+    return _create_biformer("biformer_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-B: depths 4-4-18-4, widths 96-768 (56.8 M params)."""
+    model_args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
+    return _create_biformer("biformer_base", pretrained, **dict(model_args, **kwargs))
