@@ -2,3 +2,4 @@
 
 Add a family here only once its module imports cleanly.
 """
+from attnzoo.backbones import biformer  # noqa: F401
