@@ -3,3 +3,4 @@
 ``backend="auto"`` sends CUDA tensors to Triton and everything else to the reference.
 """
 from attnzoo.kernels.bra import bra, routed_attention  # noqa: E402,F401
+from attnzoo.kernels.na2d import na2d

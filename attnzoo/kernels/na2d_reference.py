@@ -1,0 +1,75 @@
+"""Pure-PyTorch 2-D neighborhood attention (NATTEN <=0.17 semantics), chunked over query rows.
+
+This is the CPU path, the CI path and the ground truth the Triton kernel is tested against. Each chunk
+of query rows gathers its kh*kw neighbours, so memory stays bounded by ``chunk_elements`` however large
+the map is; under autograd every chunk is checkpointed, so backward recomputes the gathered keys instead
+of keeping them alive for the whole map.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Elements of one gathered key tensor per chunk (~128 MiB in fp32): bounds peak memory at any map size.
+CHUNK_ELEMENTS = 2**25
+
+
+def window_start(length: int, kernel_size: int, dilation: int, device: torch.device) -> torch.Tensor:
+    """First neighbour of every position on an axis of ``length`` (NATTEN's ``get_window_start``).
+
+    On the dilation sub-grid of position i (the positions ≡ i mod d), the window is ``kernel_size``
+    consecutive sub-grid points centred on i and shifted inward at the borders.
+    """
+    i = torch.arange(length, device=device)
+    r, p = i % dilation, i // dilation
+    sub_len = (length - r + dilation - 1) // dilation  # points on i's sub-grid
+    start = (p - kernel_size // 2).clamp_min(0).minimum(sub_len - kernel_size)
+    return start * dilation + r
+
+
+def neighbour_index(length: int, kernel_size: int, dilation: int, device: torch.device):
+    """``(idx, bias)``: ``idx[i, t]`` is the t-th neighbour of position i, ``bias[i, t]`` its RPB index
+    ``(idx - i) / d + kernel_size - 1``; both ``[length, kernel_size]`` int64."""
+    start = window_start(length, kernel_size, dilation, device)
+    t = torch.arange(kernel_size, device=device)
+    idx = start[:, None] + t * dilation
+    bias = (idx - torch.arange(length, device=device)[:, None]) // dilation + kernel_size - 1
+    return idx, bias
+
+
+def _rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, iy: torch.Tensor,
+          by: torch.Tensor, ix: torch.Tensor, bx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention for a chunk of query rows ``q [B, R, W, heads, D]`` whose neighbour rows are ``iy [R, kh]``."""
+    B, R, W, N, D = q.shape
+    kh, kw = iy.shape[1], ix.shape[1]
+    rows, cols = iy[:, :, None, None], ix[None, None, :, :]  # broadcast to [R, kh, W, kw]
+    kg = k[:, rows, cols]  # [B, R, kh, W, kw, N, D]
+    logits = torch.einsum("brwnd,brawcnd->brwnac", q * scale, kg)  # [B, R, W, N, kh, kw]
+    if rpb is not None:
+        bias = rpb[:, by[:, :, None, None], bx[None, None, :, :]]  # [N, R, kh, W, kw]
+        logits = logits + bias.permute(1, 3, 0, 2, 4).to(logits.dtype)
+    attn = logits.flatten(-2).softmax(-1).unflatten(-1, (kh, kw))
+    return torch.einsum("brwnac,brawcnd->brwnd", attn, v[:, rows, cols])
+
+
+def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+                   dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Neighborhood attention on validated ``[B, H, W, heads, D]`` inputs; returns the same layout.
+
+    ``softmax((q * scale) · k + rpb) · v`` over each query's ``kh x kw`` neighbours. Differentiable through
+    plain PyTorch ops in every input, ``rpb`` included.
+    """
+    B, H, W, N, D = q.shape
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    iy, by = neighbour_index(H, kh, dh, q.device)
+    ix, bx = neighbour_index(W, kw, dw, q.device)
+    rows_per_chunk = max(1, chunk_elements // max(1, B * W * N * D * kh * kw))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rpb))
+    out = []
+    for y0 in range(0, H, rows_per_chunk):
+        y1 = min(H, y0 + rows_per_chunk)
+        args = (q[:, y0:y1], k, v, rpb, iy[y0:y1], by[y0:y1], ix, bx, scale)
+        out.append(checkpoint(_rows, *args, use_reentrant=False) if needs_grad else _rows(*args))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
