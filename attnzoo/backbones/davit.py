@@ -1,0 +1,384 @@
+"""DaViT: Dual Attention Vision Transformers (Ding et al., ECCV 2022, arXiv:2204.03645).
+
+The same networks as the official ``dingmyu/davit`` models and timm's ``davit_*``, computed in NHWC.
+Each stage repeats a dual block: a spatial block (window attention through attnzoo's partitioned
+attention kernel, 7×7 windows, no bias, no shift) then a channel block (channel attention through SDPA);
+both start each residual branch with a depthwise 3×3 positional convolution (ConvPosEnc).
+
+DaViT-T/S/B have (1, 1, 3, 1) / (1, 1, 9, 1) / (1, 1, 9, 1) dual blocks per stage in the paper, the
+official code and timm alike, i.e. 2/2/6/2 and 2/2/18/2 attention blocks.
+
+Maps that are not multiples of the window: by default the normed map is zero-padded before the window
+attention, so padded tokens take part as keys exactly as in the official and timm models (identical
+outputs at any input size). ``masked_window_padding=True`` masks them instead (the kernel's padding).
+
+``checkpoint_filter_fn`` accepts the official checkpoints (plain, ``{"state_dict": ...}`` or
+``{"state_dict_ema": ...}``), timm's ``davit_*`` weights and attnzoo's own state dicts.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClNormMlpClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from attnzoo.blocks.channel import ChannelAttention
+from attnzoo.blocks.window import PartitionAttention2d
+
+__all__ = ["DaVit", "checkpoint_filter_fn"]
+
+
+def _pad_to(x: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad an NHWC map at the bottom/right to multiples of ``multiple``."""
+    H, W = x.shape[1:3]
+    return F.pad(x, (0, 0, 0, -W % multiple[1], 0, -H % multiple[0]))
+
+
+class ConvPosEnc(nn.Module):
+    """``x + depthwise_conv(x)`` on an NHWC map (the conv reads a channels-last view)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Stem(nn.Module):
+    """Conv 7×7 stride 4 (input zero-padded to a multiple of 4, as officially) + LayerNorm; NCHW -> NHWC."""
+
+    def __init__(self, in_chs: int, out_chs: int, norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=7, stride=4, padding=3)
+        self.norm = norm_layer(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, -W % 4, 0, -H % 4))
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, zero-pad to even size, conv 2×2 stride 2; NHWC in and out."""
+
+    def __init__(self, in_chs: int, out_chs: int, norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        self.norm = norm_layer(in_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pad_to(self.norm(x), (2, 2))
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DualAttentionBlock(nn.Module):
+    """ConvPosEnc, pre-norm attention (window or channel), ConvPosEnc, pre-norm MLP; NHWC in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            attn: nn.Module,
+            mlp_ratio: float = 4.0,
+            drop_path: float = 0.0,
+            proj_drop: float = 0.0,
+            pad_to_window: tuple[int, int] | None = None,
+            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.pad_to_window = pad_to_window
+        self.cpe1 = ConvPosEnc(dim)
+        self.norm1 = norm_layer(dim)
+        self.attn = attn
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.cpe2 = ConvPosEnc(dim)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_to_window is None:
+            return self.attn(x)
+        H, W = x.shape[1:3]
+        return self.attn(_pad_to(x, self.pad_to_window))[:, :H, :W]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe1(x)
+        x = x + self.drop_path1(self._attend(self.norm1(x)))
+        x = self.cpe2(x)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class DaVitStage(nn.Module):
+    """Optional downsample, then ``depth`` dual blocks (``blocks.{i}.0`` spatial, ``blocks.{i}.1`` channel)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            num_heads: int,
+            downsample: bool,
+            drop_path: Sequence[float],
+            window_size: tuple[int, int] = (7, 7),
+            masked_window_padding: bool = False,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.0,
+            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_chs, out_chs, norm_layer) if downsample else nn.Identity()
+        common = dict(mlp_ratio=mlp_ratio, proj_drop=proj_drop, norm_layer=norm_layer)
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(
+                DualAttentionBlock(
+                    out_chs,
+                    PartitionAttention2d(
+                        out_chs, num_heads=num_heads, partition_size=window_size, mode="window",
+                        qkv_bias=qkv_bias, proj_drop=proj_drop),
+                    drop_path=drop_path[2 * i], pad_to_window=None if masked_window_padding else window_size,
+                    **common),
+                DualAttentionBlock(
+                    out_chs, ChannelAttention(out_chs, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop),
+                    drop_path=drop_path[2 * i + 1], **common),
+            )
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class DaVit(nn.Module):
+    """DaViT backbone and classifier (head: average pool, LayerNorm, Linear, as officially).
+
+    ``forward_features`` returns the last stage's map as NHWC ``[B, H/32, W/32, C]`` (ceil division),
+    before the head's norm; ``forward_intermediates`` and ``features_only`` return NCHW maps at strides
+    4, 8, 16, 32.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            depths: Sequence[int] = (1, 1, 3, 1),
+            embed_dims: Sequence[int] = (96, 192, 384, 768),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: int | Sequence[int] = 7,
+            masked_window_padding: bool = False,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if not len(embed_dims) == len(num_heads) == num_stages:
+            raise ValueError(f"DaVit: depths, embed_dims and num_heads must have one entry per stage, got "
+                             f"{tuple(depths)}, {tuple(embed_dims)}, {tuple(num_heads)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = Stem(in_chans, embed_dims[0], norm_layer)
+        # official schedule: linear over all attention blocks (two per dual block)
+        dpr = torch.linspace(0, drop_path_rate, 2 * sum(depths)).tolist()
+        stages, self.feature_info = [], []
+        for i in range(num_stages):
+            first = 2 * sum(depths[:i])
+            stages.append(DaVitStage(
+                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], num_heads[i], downsample=i > 0,
+                drop_path=dpr[first:first + 2 * depths[i]], window_size=to_2tuple(window_size),
+                masked_window_padding=masked_window_padding, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate, norm_layer=norm_layer))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.head = ClNormMlpClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, norm_layer=norm_layer)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^head\.norm", (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, reset_other=reset_other, in_features=self.num_features)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs at ``indices`` (timm semantics) as NCHW (or NHWC) maps, plus the final features.
+
+        DaViT normalises after pooling, so ``norm`` has no map-level norm to apply and changes nothing.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"DaVit: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        for idx, stage in enumerate(stages):
+            x = stage(x)
+            if idx in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the stages (and head) that the intermediates at ``indices`` do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+_OFFICIAL_RENAMES = (
+    (r"^patch_embeds\.0\.proj\.", "stem.conv."),
+    (r"^patch_embeds\.0\.norm\.", "stem.norm."),
+    (r"^patch_embeds\.(\d+)\.proj\.", r"stages.\1.downsample.conv."),
+    (r"^patch_embeds\.(\d+)\.norm\.", r"stages.\1.downsample.norm."),
+    (r"^main_blocks\.(\d+)\.", r"stages.\1.blocks."),
+    (r"\.cpe\.([01])\.", lambda m: f".cpe{int(m.group(1)) + 1}."),
+    (r"^norms\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: DaVit) -> dict[str, torch.Tensor]:
+    """Map an official, timm or attnzoo DaViT state dict onto ``model``'s keys.
+
+    Official files are loaded as the official code loads them: a plain state dict, or one wrapped in
+    ``"state_dict"`` (preferred) or ``"state_dict_ema"``, DistributedDataParallel's ``module.`` prefix
+    stripped. timm's ``davit_*`` weights already use attnzoo's names. Unknown keys are passed on so
+    strict loading reports them.
+    """
+    for wrapper in ("state_dict", "state_dict_ema"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if "stem.conv.weight" in state_dict:
+        return state_dict
+    if "patch_embeds.0.proj.weight" not in state_dict:
+        raise ValueError(
+            "DaVit checkpoint_filter_fn: state_dict is neither an official DaViT checkpoint "
+            "('patch_embeds.0.proj.weight') nor a timm/attnzoo one ('stem.conv.weight'); first keys: "
+            f"{list(state_dict)[:5]}")
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 3, 1))))))
+    return build_model_with_cfg(
+        DaVit, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs)
+
+
+def _cfg(timm_name: str, top1: float, official_url: str, **kwargs) -> dict:
+    return {
+        "url": "",  # the official files sit behind share links; timm hosts the same weights
+        "hf_hub_id": f"timm/{timm_name}.msft_in1k",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic",  # the official model's eval crop
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "head.fc",
+        "license": "mit", "origin_url": official_url,
+        "paper_ids": "arXiv:2204.03645", "paper_name": "DaViT: Dual Attention Vision Transformers",
+        "notes": (f"paper ImageNet-1k top-1 {top1} at 224",),
+        **kwargs,
+    }
+
+
+_SHARE = "https://connecthkuhk-my.sharepoint.com/:u:/g/personal/u3007305_connect_hku_hk/"
+default_cfgs = generate_default_cfgs({
+    "davit_t.msft_in1k": _cfg("davit_tiny", 82.8, _SHARE + "EcJYlVYP9y5FsDbMP-nwjtABgLmdrNGZBxgR5--Kg3MZ7Q?e=v9OrXB"),
+    "davit_s.msft_in1k": _cfg("davit_small", 84.2, _SHARE + "ERN_Gzm8oKdIvO01r0X2cscB_owuRAnnQPNGJEVGP23xHQ?e=MVW3ZO"),
+    "davit_b.msft_in1k": _cfg("davit_base", 84.6, _SHARE + "Ea8kCpdM949CvTM0w7DWbGwBxxiACMSik4zx-emrNY0uKQ?e=aEjC7u"),
+})
+
+
+@register_model
+def davit_t(pretrained: bool = False, **kwargs) -> DaVit:
+    args = dict(depths=(1, 1, 3, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
+    return _create_davit("davit_t", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def davit_s(pretrained: bool = False, **kwargs) -> DaVit:
+    args = dict(depths=(1, 1, 9, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
+    return _create_davit("davit_s", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def davit_b(pretrained: bool = False, **kwargs) -> DaVit:
+    args = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
+    return _create_davit("davit_b", pretrained, **{**args, **kwargs})
