@@ -1,0 +1,160 @@
+"""Model throughput and peak memory: attnzoo models (per kernel backend) beside their timm peers.
+
+Inference and training images/s at a fixed batch and resolution (bf16 autocast on CUDA), and the peak
+memory of one training step. ``--quick`` runs a tiny CPU configuration for the test suite.
+
+    python -m benchmarks.models [--quick] [--models nat_tiny swin_tiny_patch4_window7_224 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import timm
+import torch
+from tqdm import tqdm
+
+import attnzoo
+from attnzoo.blocks import set_attention_backend
+from benchmarks.harness import Report, peak_memory_mib, time_ms
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model measured under one kernel backend; ``peer`` names the model it is compared with."""
+
+    model: str
+    family: str
+    backend: str = "auto"
+    peer: str | None = None
+    kwargs: dict = field(default_factory=dict, hash=False)
+
+
+def _fam(family: str, models: Iterable[str], peers: dict[str, str] | None = None,
+         backends: tuple[str, ...] = ("auto",)) -> list[Case]:
+    peers = peers or {}
+    return [Case(m, family, b, peers.get(m)) for m in models for b in backends]
+
+
+# T and S variants of every family; timm peers where timm has the same (or the closest) model.
+DEFAULT_CASES: list[Case] = [
+    *_fam("NAT", ["nat_tiny", "nat_small"], {"nat_tiny": "swin_tiny_patch4_window7_224"},
+          backends=("auto", "flex", "reference")),
+    *_fam("DiNAT", ["dinat_tiny", "dinat_small"], backends=("auto", "flex", "reference")),
+    *_fam("BiFormer", ["biformer_tiny", "biformer_small"], backends=("auto", "reference")),
+    *_fam("MaxViT", ["maxvit_t", "maxvit_s"], {"maxvit_t": "maxvit_tiny_tf_224", "maxvit_s": "maxvit_small_tf_224"},
+          backends=("auto", "reference")),
+    *_fam("DaViT", ["davit_t", "davit_s"], {"davit_t": "davit_tiny", "davit_s": "davit_small"},
+          backends=("auto", "reference")),
+    *_fam("FocalNet", ["focalnet_t_srf", "focalnet_t_lrf", "focalnet_s_srf", "focalnet_s_lrf"],
+          {"focalnet_t_srf": "focalnet_tiny_srf", "focalnet_t_lrf": "focalnet_tiny_lrf",
+           "focalnet_s_srf": "focalnet_small_srf", "focalnet_s_lrf": "focalnet_small_lrf"}),
+    *_fam("Agent", ["agent_swin_t", "agent_swin_s", "agent_pvt_t", "agent_pvt_s", "agent_deit_t", "agent_deit_s"],
+          {"agent_swin_t": "swin_tiny_patch4_window7_224", "agent_swin_s": "swin_small_patch4_window7_224",
+           "agent_pvt_t": "pvt_v2_b1", "agent_pvt_s": "pvt_v2_b2",
+           "agent_deit_t": "deit_tiny_patch16_224", "agent_deit_s": "deit_small_patch16_224"},
+          backends=("auto", "reference")),
+]
+
+
+def build(name: str, img_size: int, backend: str = "auto", **kwargs) -> torch.nn.Module:
+    """Create ``name`` for ``img_size`` inputs.
+
+    attnzoo models accept any input size; timm peers whose default size differs get ``img_size``.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if name not in attnzoo.list_models() and cfg is not None and cfg.input_size[-1] != img_size:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:  # convolutional models take any size without being told
+            pass
+    return set_attention_backend(timm.create_model(name, **kwargs), backend)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure(case: Case, batch: int, img_size: int, device: torch.device, channels_last: bool = True) -> dict:
+    """Inference img/s, training img/s and training peak memory of one case."""
+    model = build(case.model, img_size, case.backend, **case.kwargs).to(device)
+    mem_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=mem_format)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def infer():
+        with torch.inference_mode(), _autocast(device):
+            model(x)
+
+    def train_step():
+        with _autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.eval()
+    infer_ms = time_ms(infer, warmup=100, rep=500)
+    model.train()
+    train_ms = time_ms(train_step, warmup=200, rep=1500)
+    peak = peak_memory_mib(train_step)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return dict(family=case.family, model=case.model, backend=case.backend, params_m=params,
+                infer_img_s=batch / infer_ms * 1e3, train_img_s=batch / train_ms * 1e3, train_peak_mib=peak)
+
+
+def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_dir=None) -> Report:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    known = set(timm.list_models())
+    todo: list[Case] = []
+    for c in cases:
+        todo.append(c)
+        if c.peer and c.backend == "auto" and Case(c.peer, c.family, "auto") not in todo:
+            todo.append(Case(c.peer, c.family, "auto"))
+    report = Report(name, f"Model throughput, batch {batch}, {img_size}², "
+                    f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
+                    notes="img/s = batch / median step time (do_bench); train = forward + backward + AdamW step; "
+                          "backend = attnzoo kernel path (auto: Triton on CUDA), timm models run their own code.")
+    for c in tqdm(todo, desc="models"):
+        if c.model not in known:
+            report.add(family=c.family, model=c.model, backend=c.backend, error="not registered")
+            continue
+        try:
+            row = measure(c, batch, img_size, device)
+        except torch.cuda.OutOfMemoryError:
+            row = dict(family=c.family, model=c.model, backend=c.backend, error="out of memory")
+        except Exception as e:  # noqa: BLE001 (one failing model must not end the whole run)
+            row = dict(family=c.family, model=c.model, backend=c.backend, error=f"{type(e).__name__}: {e}"[:200])
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["source"] = "attnzoo" if c.model in attnzoo.list_models() else "timm"
+        report.add(**row)
+        tqdm.write(str({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
+    report.save(out_dir) if out_dir else report.save()
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", help="model names (default: T/S of every family and their peers)")
+    p.add_argument("--backends", nargs="*", default=["auto"], help="backends for --models")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
+    a = p.parse_args(argv)
+    cases = [Case(m, "-", b) for m in a.models for b in a.backends] if a.models else DEFAULT_CASES
+    batch, size = (2, 64) if a.quick else (a.batch, a.img_size)
+    return run(cases, batch, size, a.name or ("models_quick" if a.quick else "models"), a.out_dir)
+
+
+if __name__ == "__main__":
+    main()

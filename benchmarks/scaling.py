@@ -1,0 +1,91 @@
+"""Scaling with resolution: time and peak memory of one forward+backward from 224² to 1024².
+
+The T variant of every family, timm's Swin-T beside Agent-Swin-T, and timm's ViT-S/16 as the
+quadratic (global attention) reference. The log-log slope of time and memory against pixels says how
+each model scales: ~1 linear, ~2 quadratic.
+
+    python -m benchmarks.scaling [--quick] [--models ...] [--sizes 224 512 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import timm
+import torch
+from tqdm import tqdm
+
+from benchmarks.harness import Report, peak_memory_mib, time_ms
+from benchmarks.models import _autocast, build
+
+DEFAULT_MODELS = ["nat_tiny", "dinat_tiny", "biformer_tiny", "maxvit_t", "davit_t", "focalnet_t_srf",
+                  "agent_swin_t", "agent_pvt_t", "swin_tiny_patch4_window7_224", "vit_small_patch16_224"]
+DEFAULT_SIZES = [224, 384, 512, 768, 1024]
+
+
+def measure(name: str, size: int, batch: int, device: torch.device) -> dict:
+    model = build(name, size).to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        with _autocast(device):
+            out = model(x)
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    ms = time_ms(step, warmup=50, rep=300)
+    return dict(model=name, size=size, pixels=size * size, fwd_bwd_ms=ms, peak_mib=peak_memory_mib(step))
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) against log(x)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den
+
+
+def run(models: list[str], sizes: list[int], batch: int, name: str = "scaling", out_dir=None) -> Report:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    known = set(timm.list_models())
+    report = Report(name, f"Scaling with resolution: one forward+backward, batch {batch}, "
+                    f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
+                    notes="slope = log-log least-squares slope against pixels (1 = linear, 2 = quadratic).")
+    for m in tqdm([m for m in models if m in known], desc="scaling"):
+        rows = []
+        for s in sizes:
+            try:
+                rows.append(measure(m, s, batch, device))
+            except torch.cuda.OutOfMemoryError:
+                rows.append(dict(model=m, size=s, pixels=s * s, error="out of memory"))
+            except Exception as e:  # noqa: BLE001 (one failing size must not end the run)
+                rows.append(dict(model=m, size=s, pixels=s * s, error=f"{type(e).__name__}: {e}"[:200]))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        ok = [r for r in rows if "error" not in r]
+        t_slope = loglog_slope([r["pixels"] for r in ok], [r["fwd_bwd_ms"] for r in ok])
+        m_slope = loglog_slope([r["pixels"] for r in ok], [r["peak_mib"] for r in ok]) if device.type == "cuda" else None
+        for r in rows:
+            report.add(**r, time_slope=t_slope, memory_slope=m_slope)
+    report.save(out_dir) if out_dir else report.save()
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
+    p.add_argument("--sizes", nargs="*", type=int, default=DEFAULT_SIZES)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (sizes 64, 96)")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--name", default=None)
+    a = p.parse_args(argv)
+    sizes = [64, 96] if a.quick else a.sizes
+    return run(a.models, sizes, a.batch, a.name or ("scaling_quick" if a.quick else "scaling"), a.out_dir)
+
+
+if __name__ == "__main__":
+    main()
