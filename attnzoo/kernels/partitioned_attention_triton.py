@@ -1,0 +1,272 @@
+"""Triton kernels for partitioned (window / grid) attention, reading and writing the NHWC map by index.
+
+A program owns one block of tokens of one partition and one head. Token ``n`` of partition ``p`` is
+found on the map by index arithmetic (:func:`_token`), so q/k/v are read straight from the projection
+output (any strides, e.g. views of a fused qkv) and the output is written straight to ``[B, H, W, heads,
+D]``: no window/grid partition or reverse copies, no padded copies. Padded tokens are masked loads.
+
+Forward: flash-attention online softmax over key blocks, storing the log-sum-exp for the backward.
+Backward: one kernel per key block recomputes the probabilities from the log-sum-exp and produces dk,
+dv, dq and the bias gradient; a program walks ``PARTS`` partitions of one head so it can sum their
+bias gradients in registers before a single atomic add (the table is shared by every partition).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnzoo.kernels.partitioned_attention_reference import padded_size
+
+
+def _alloc(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer; tests replace it with a NaN-filling one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _token(n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID: tl.constexpr):
+    """Map position of token ``n`` of partition ``p``: (y, x, row i and column j inside the partition,
+    Swin region id, real-token flag). Window mode reads the map rolled by (-SY, -SX); grid mode puts
+    member (i, j) of group (r0, c0) at (i * Hp/PH + r0, j * Wp/PW + c0)."""
+    i = n // PW
+    j = n % PW
+    if GRID:
+        sh = Hp // PH
+        sw = Wp // PW
+        y = i * sh + p // sw
+        x = j * sw + p % sw
+        region = tl.zeros_like(n)
+    else:
+        r = (p // (Wp // PW)) * PH + i
+        c = (p % (Wp // PW)) * PW + j
+        y = (r + SY) % Hp
+        x = (c + SX) % Wp
+        # Swin's three slices per axis; with no shift every partition lies in one slice
+        region = ((r >= Hp - PH).to(tl.int32) + (r >= Hp - SY).to(tl.int32)) * 3 \
+            + (c >= Wp - PW).to(tl.int32) + (c >= Wp - SX).to(tl.int32)
+    valid = (n < N) & (y < H) & (x < W)
+    return y, x, i, j, region, valid
+
+
+@triton.jit
+def _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, rpb_ptr, s_rh, s_ry, s_rx, h, scale,
+            PH, PW, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Logits of a [BLOCK_M, BLOCK_N] tile in log2 units (scaled q·k + bias), -inf where not allowed."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    if HAS_RPB:
+        dy = ki[None, :] - qi[:, None] + PH - 1
+        dx = kj[None, :] - qj[:, None] + PW - 1
+        inside = (dy >= 0) & (dy < 2 * PH - 1) & (dx >= 0) & (dx < 2 * PW - 1)  # false only on padded rows/columns
+        s += tl.load(rpb_ptr + h * s_rh + dy * s_ry + dx * s_rx, mask=inside, other=0.0).to(tl.float32)
+    allowed = kvalid[None, :] & (qreg[:, None] == kreg[None, :])
+    return tl.where(allowed, s * 1.4426950408889634, float("-inf"))
+
+
+@triton.jit
+def _pa_fwd(
+    Q, K, V, O, LSE, RPB,
+    s_qb, s_qh, s_qw, s_qn, s_kb, s_kh, s_kw, s_kn, s_vb, s_vh, s_vw, s_vn,
+    s_rh, s_ry, s_rx,
+    NP, NH, N, H, W, Hp, Wp, PH, PW, SY, SX, scale,
+    D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bp = tl.program_id(0)
+    h = tl.program_id(1) % NH
+    m0 = (tl.program_id(1) // NH) * BLOCK_M
+    b = (bp // NP).to(tl.int64)
+    p = bp % NP
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+
+    # query tile [BLOCK_M, BLOCK_D]: tokens m0.. of partition p, head h
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    qy, qx, qi, qj, qreg, qvalid = _token(offs_m, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
+    qmask = qvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + b * s_qb + (qy * s_qh + qx * s_qw + h * s_qn)[:, None] + offs_d[None, :], mask=qmask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the log2 logits
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of p · v
+    for n0 in range(0, N, BLOCK_N):
+        # key / value tiles [BLOCK_N, BLOCK_D]: tokens n0.. of the same partition
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ky, kx, ki, kj, kreg, kvalid = _token(offs_n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
+        kmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(K + b * s_kb + (ky * s_kh + kx * s_kw + h * s_kn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + b * s_vb + (ky * s_vh + kx * s_vw + h * s_vn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+        s = _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, RPB, s_rh, s_ry, s_rx, h, scale, PH, PW,
+                    HAS_RPB, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        pr = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tok = ((b * H + qy) * W + qx) * NH + h  # row of the contiguous [B, H, W, heads, D] output
+    tl.store(O + tok[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + tok, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, mask=qvalid)
+
+
+@triton.jit
+def _pa_bwd(
+    Q, K, V, DO, LSE, DELTA, RPB, DQ, DK, DV, DBIAS,
+    s_qb, s_qh, s_qw, s_qn, s_kb, s_kh, s_kw, s_kn, s_vb, s_vh, s_vw, s_vn,
+    s_rh, s_ry, s_rx,
+    BP, NP, NH, N, H, W, Hp, Wp, PH, PW, SY, SX, scale,
+    D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTS: tl.constexpr, ONE_BLOCK: tl.constexpr, N_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    h = tl.program_id(1) % NH
+    n0 = (tl.program_id(1) // NH) * BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    # d(logit) summed over this program's partitions: the [query, key] slice of the bias gradient
+    ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for t in range(PARTS):
+        bp = tl.program_id(0) * PARTS + t
+        live = bp < BP
+        b = (bp // NP).to(tl.int64)
+        p = bp % NP
+        # key / value tiles [BLOCK_N, BLOCK_D] of partition p, head h; their gradients accumulate here
+        ky, kx, ki, kj, kreg, kvalid = _token(offs_n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
+        kvalid = kvalid & live
+        kmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(K + b * s_kb + (ky * s_kh + kx * s_kw + h * s_kn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + b * s_vb + (ky * s_vh + kx * s_vw + h * s_vn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for m0 in range(0, N, BLOCK_M):
+            # query-side tiles [BLOCK_M, BLOCK_D]: q, dO; per-row lse and delta = rowsum(dO * O)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            qy, qx, qi, qj, qreg, qvalid = _token(offs_m, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
+            qvalid = qvalid & live
+            qmask = qvalid[:, None] & dmask[None, :]
+            q = tl.load(Q + b * s_qb + (qy * s_qh + qx * s_qw + h * s_qn)[:, None] + offs_d[None, :],
+                        mask=qmask, other=0.0)
+            tok = ((b * H + qy) * W + qx) * NH + h
+            do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + tok, mask=qvalid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + tok, mask=qvalid, other=0.0)
+            s = _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, RPB, s_rh, s_ry, s_rx, h, scale, PH, PW,
+                        HAS_RPB, DOT_PRECISION)
+            pr = tl.where(qvalid[:, None], tl.math.exp2(s - lse[:, None]), 0.0)  # probabilities [BLOCK_M, BLOCK_N]
+            dv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = pr * (dp - delta[:, None])  # d(logit)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
+            if ONE_BLOCK:  # this program saw every key of the partition: dq is final
+                tl.store(DQ + tok[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+            else:  # fp32 buffer shared by the key blocks of the partition
+                tl.atomic_add(DQ + tok[:, None] * D + offs_d[None, :], dq, mask=qmask)
+            if HAS_RPB:
+                if ONE_BLOCK:
+                    ds_sum += ds
+                else:
+                    offs_bm = m0 + tl.arange(0, BLOCK_M)
+                    tl.atomic_add(DBIAS + (h * N_PAD + offs_bm[:, None]) * N_PAD + offs_n[None, :], ds,
+                                  mask=(offs_bm[:, None] < N) & (offs_n[None, :] < N))
+        tok_k = ((b * H + ky) * W + kx) * NH + h
+        tl.store(DK + tok_k[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + tok_k[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+    if HAS_RPB:
+        if ONE_BLOCK:
+            offs_bm = tl.arange(0, BLOCK_M)
+            tl.atomic_add(DBIAS + (h * N_PAD + offs_bm[:, None]) * N_PAD + offs_n[None, :], ds_sum,
+                          mask=(offs_bm[:, None] < N) & (offs_n[None, :] < N))
+
+
+def _blocks(N: int, D: int) -> tuple[int, int, int]:
+    block = min(64, max(16, triton.next_power_of_2(N)))
+    return block, block, max(16, triton.next_power_of_2(D))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    if t.stride(-1) != 1:
+        raise ValueError(f"partitioned_attention: q, k, v need unit stride in head_dim, got strides {t.stride()}")
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _geometry(q: torch.Tensor, ph: int, pw: int) -> tuple[int, int, int, int]:
+    B, H, W = q.shape[:3]
+    Hp, Wp = padded_size(H, ph), padded_size(W, pw)
+    return Hp, Wp, (Hp // ph) * (Wp // pw), ph * pw
+
+
+def _rpb_args(rpb: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    if rpb is None:
+        return q, 0, 0, 0  # dummy pointer, never read (HAS_RPB is False)
+    return rpb, rpb.stride(0), rpb.stride(1), rpb.stride(2)
+
+
+def forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
+    """Output ``[B, H, W, heads, D]`` (contiguous, q's dtype) and the log-sum-exp ``[B, H, W, heads]`` (fp32)."""
+    B, H, W, NH, D = q.shape
+    Hp, Wp, NP, N = _geometry(q, ph, pw)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
+    o = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc(q.shape[:4], torch.float32, q.device)
+    r, s_rh, s_ry, s_rx = _rpb_args(rpb, q)
+    grid_ = (B * NP, NH * triton.cdiv(N, BLOCK_M))
+    _pa_fwd[grid_](
+        q, k, v, o, lse, r, *_strides(q), *_strides(k), *_strides(v), s_rh, s_ry, s_rx,
+        NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
+        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+    return o, lse
+
+
+def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
+    """Gradients dq, dk, dv (contiguous, q's dtype) and d(rpb) (rpb's dtype; empty without rpb)."""
+    B, H, W, NH, D = q.shape
+    Hp, Wp, NP, N = _geometry(q, ph, pw)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O), [B, H, W, heads]
+    one_block = N <= BLOCK_M
+    dq = _alloc(q.shape, q.dtype, q.device) if one_block else \
+        torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = _alloc(q.shape, q.dtype, q.device)
+    dv = _alloc(q.shape, q.dtype, q.device)
+    n_pad = triton.cdiv(N, BLOCK_M) * BLOCK_M
+    dbias = torch.zeros(NH, n_pad, n_pad, dtype=torch.float32, device=q.device) if rpb is not None else dq
+    BP = B * NP
+    # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows
+    parts = 1 if rpb is None or not one_block else max(1, min(32, BP * NH // 4096))
+    r, s_rh, s_ry, s_rx = _rpb_args(rpb, q)
+    grid_ = (triton.cdiv(BP, parts), NH * triton.cdiv(N, BLOCK_N))
+    _pa_bwd[grid_](
+        q, k, v, do, lse, delta, r, dq, dk, dv, dbias,
+        *_strides(q), *_strides(k), *_strides(v), s_rh, s_ry, s_rx,
+        BP, NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
+        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q),
+        PARTS=parts, ONE_BLOCK=one_block, N_PAD=n_pad,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=1)
+    if rpb is None:
+        drpb = q.new_empty(0)
+    else:
+        drpb = _bias_to_table(dbias[:, :N, :N], ph, pw).to(rpb.dtype)
+    return dq.to(q.dtype), dk, dv, drpb
+
+
+def _bias_to_table(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Sum a [heads, N, N] logit gradient into the [heads, 2ph-1, 2pw-1] table by key − query offset."""
+    n = torch.arange(ph * pw, device=dbias.device)
+    i, j = n // pw, n % pw
+    idx = (i[None, :] - i[:, None] + ph - 1) * (2 * pw - 1) + (j[None, :] - j[:, None] + pw - 1)
+    table = torch.zeros(dbias.shape[0], (2 * ph - 1) * (2 * pw - 1), dtype=dbias.dtype, device=dbias.device)
+    table.index_add_(1, idx.flatten(), dbias.flatten(1))
+    return table.view(-1, 2 * ph - 1, 2 * pw - 1)
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get full-precision dots (tf32 would cost ~1e-3 relative error); halves use their own."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
