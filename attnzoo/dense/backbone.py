@@ -1,0 +1,133 @@
+"""One mmdetection 3.x / mmsegmentation 1.x backbone for every attnzoo model.
+
+``AttnZooBackbone`` builds the timm model, keeps only the levels the neck asks for
+(``prune_intermediate_layers``), returns NCHW maps from ``forward_intermediates`` and adds the per-level
+output norms every official dense wrapper adds. Classification checkpoints (official files or timm
+weights) load through the family's converter: ``init_cfg=dict(type="Pretrained", checkpoint=PATH)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import timm
+import torch
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
+from timm.models import group_parameters
+from torch import nn
+
+import attnzoo
+
+
+class AttnZooBackbone(BaseModule):
+    """An attnzoo (or any timm ``forward_intermediates``) model as a dense-prediction backbone.
+
+    Args:
+        model_name: a name from ``attnzoo.list_models()`` (``"nat_tiny"``, ``"biformer_small"``, ...).
+        out_indices: which levels to return (0 = stride 4 ... 3 = stride 32).
+        drop_path_rate: stochastic depth of the backbone.
+        frozen_stages: freeze the stem and the first ``frozen_stages`` levels (-1: none).
+        norm_eval: keep BatchNorm layers in eval mode while training (BiFormer's stem).
+        out_norms: add a LayerNorm per returned level, as the official dense backbones do.
+        model_kwargs: family knobs for dense use, passed to ``timm.create_model`` (e.g. BiFormer
+            ``n_win=16``, DiNAT ``dilations``, Agent ``agent_shapes``).
+        init_cfg: ``dict(type="Pretrained", checkpoint=PATH)`` loads a classification checkpoint (the
+            official file as released, or a timm/attnzoo state dict) through the family's converter.
+    """
+
+    def __init__(
+            self,
+            model_name: str,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            drop_path_rate: float = 0.2,
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
+            out_norms: bool = True,
+            model_kwargs: dict[str, Any] | None = None,
+            init_cfg: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if model_name not in timm.list_models():
+            raise ValueError(f"model_name: unknown model {model_name!r}; attnzoo has {attnzoo.list_models()}")
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs.setdefault("drop_path_rate", drop_path_rate)
+        self.model = timm.create_model(model_name, num_classes=0, **self.model_kwargs)
+        n_levels = len(self.model.feature_info)
+        bad = [i for i in out_indices if not 0 <= i < n_levels]
+        if bad:
+            raise ValueError(f"out_indices: {model_name} has levels 0..{n_levels - 1}, got {tuple(out_indices)}")
+        self.out_indices = tuple(out_indices)
+        self.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.channels = [self.model.feature_info[i]["num_chs"] for i in self.out_indices]
+        self.norms = nn.ModuleList(LayerNorm2d(c) if out_norms else nn.Identity() for c in self.channels)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+        return tuple(norm(f) for norm, f in zip(self.norms, feats))
+
+    def init_weights(self) -> None:
+        """Load a classification checkpoint through the family's converter, or use the model's own init."""
+        cfg = self.init_cfg or {}
+        if cfg.get("type") != "Pretrained":
+            super().init_weights()
+            return
+        self.load_classification_checkpoint(cfg["checkpoint"])
+
+    def load_classification_checkpoint(self, path: str) -> dict[str, list[str]]:
+        """Load ``path`` via timm's pretrained path (strict, with the family's ``checkpoint_filter_fn``).
+
+        Returns the keys that were not used (the classifier and whatever the pruning removed) and the
+        keys this backbone has that the checkpoint cannot provide (the dense output norms). Any other
+        mismatch is an error.
+        """
+        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 **self.model_kwargs)
+        result = self.model.load_state_dict(full.state_dict(), strict=False)
+        if result.missing_keys:
+            raise RuntimeError(f"checkpoint {path} lacks backbone keys: {result.missing_keys}")
+        report = dict(unused=list(result.unexpected_keys),
+                      not_in_checkpoint=[f"norms.{k}" for k in self.norms.state_dict()])
+        MMLogger.get_current_instance().info(
+            f"{self.model_name}: loaded {path}; unused (pruned head/norm): {report['unused']}; "
+            f"initialised here: {report['not_in_checkpoint']}")
+        return report
+
+    def _freeze(self) -> None:
+        """Freeze the stem and the first ``frozen_stages`` levels.
+
+        Levels come from the model's coarse ``group_matcher`` (the grouping timm's layer-wise decay
+        uses: group 0 = stem, group i + 1 = level i), so each family's downsamplers go with the level
+        its official code puts them in. Fully frozen modules also stay in eval mode while training.
+        """
+        self._frozen_modules: list[nn.Module] = []
+        if self.frozen_stages < 0:
+            return
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
+        frozen = {n for gid, names in groups.items() if gid <= self.frozen_stages for n in names}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name not in frozen)
+
+        def collect(module: nn.Module, prefix: str) -> None:
+            for name, child in module.named_children():
+                params = [f"{prefix}{name}.{n}" for n, _ in child.named_parameters()]
+                if params and all(n in frozen for n in params):
+                    self._frozen_modules.append(child)
+                elif params:
+                    collect(child, f"{prefix}{name}.")
+
+        collect(self.model, "")
+
+    def train(self, mode: bool = True) -> "AttnZooBackbone":
+        super().train(mode)
+        for m in self._frozen_modules if mode else ():
+            m.eval()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
