@@ -1,0 +1,258 @@
+"""Agent-DeiT: DeiT (ViT with a cls token) whose first blocks use agent attention.
+
+Paper: "Agent Attention: On the Integration of Softmax and Linear Attention" (Han et al., ECCV 2024).
+Official code: LeapLabTHU/Agent-Attention, ``agent_transformer/models/agent_deit.py`` with the
+``agent_deit_{t,s,b}.yaml`` configs. Facts carried over:
+
+* Agents per block come from the 4-entry yaml list by block pairs: blocks 0-1 use entry 0, 2-3 entry 1,
+  4-9 entry 2, 10-11 entry 3 (49 everywhere for T/S, 81 for B).
+* T and S use agent attention in all 12 blocks; B only in blocks 0-3 (``agent_layer=4``), the rest are
+  plain DeiT attention.
+* The cls token takes part in both attentions through its own biases (``ac_bias`` agent→cls,
+  ``ca_bias`` cls→agents); agents are pooled from the patch queries only, and the depthwise conv on V
+  adds to the patch tokens only.
+
+Any input size: the input is zero-padded to a multiple of 16, the position embedding is resized
+bilinearly (align_corners=False, as the official ``resize_pos_embed``) and the agent biases follow
+:mod:`attnzoo.blocks.agent`.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from attnzoo.blocks.agent import AgentAttention
+
+__all__ = ["AgentDeit"]
+
+_AGENT_GROUP = (0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3)  # official stage_num[i // 2] for 12 blocks
+
+
+class AgentDeitBlock(nn.Module):
+    """Pre-norm ViT block with agent attention (``agent_num > 0``) or plain multi-head attention."""
+
+    def __init__(self, dim: int, num_heads: int, agent_num: int, bias_size: tuple[int, int], mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, agent_shape: tuple[int, int] | None = None, proj_drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer: Callable = nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        if agent_num:
+            self.attn = AgentAttention(dim, num_heads, agent_num, bias_size, qkv_bias=qkv_bias, num_prefix_tokens=1,
+                                       agent_shape=agent_shape, attn_drop=attn_drop, proj_drop=proj_drop)
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.attn(y, size) if isinstance(self.attn, AgentAttention) else self.attn(y)
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class AgentDeit(nn.Module):
+    """Agent-DeiT classifier. ``forward_features`` returns the normed tokens ``[B, 1 + H*W, C]`` (cls first);
+    ``forward_head`` classifies the cls token; ``forward_intermediates`` gives block outputs as NCHW maps of
+    the patch tokens (stride 16)."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 192, depth: int = 12,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 agent_num: tuple[int | str, ...] = (49, 49, 49, 49), agent_layer: int = -1,
+                 agent_shape: tuple[int, int] | None = None, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
+                 proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        """``agent_num``: the official 4-entry yaml list (strings allowed); ``agent_layer``: number of leading
+        agent blocks (-1 = all); ``agent_shape``: run-time agent grid (default the trained one)."""
+        super().__init__()
+        if depth != len(_AGENT_GROUP):
+            raise ValueError(f"AgentDeit: depth must be {len(_AGENT_GROUP)} (the official agent-number schedule "
+                             f"is defined for 12 blocks), got {depth}")
+        if len(agent_num) != 4:
+            raise ValueError(f"AgentDeit: agent_num must have 4 entries, got {agent_num!r}")
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"AgentDeit: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        agent_layer = depth if agent_layer <= 0 else agent_layer
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim, output_fmt="NHWC",
+                                      strict_img_size=False, dynamic_img_pad=True)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(*[
+            AgentDeitBlock(embed_dim, num_heads, int(agent_num[_AGENT_GROUP[i]]) if i < agent_layer else 0,
+                           self.grid_size, mlp_ratio, qkv_bias, agent_shape, proj_drop_rate, attn_drop_rate, dpr[i],
+                           norm_layer)
+            for i in range(depth)])
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"reset_classifier: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.patch_embed(x)  # [B, H, W, C]
+        B, H, W, C = x.shape
+        pos = self.pos_embed
+        if (H, W) != self.grid_size:
+            pos = resample_abs_pos_embed(pos, [H, W], list(self.grid_size), num_prefix_tokens=1,
+                                         interpolation="bilinear", antialias=False)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
+        return self.pos_drop(x + pos), (H, W)
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(blk, x, size)
+        return blk(x, size)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs at ``indices`` as NCHW patch maps (cls token dropped; ``norm`` applies the final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (H, W) = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._block(blk, x, (H, W))
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, H, W))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, size = self._embed(x)
+        for blk in self.blocks:
+            x = self._block(blk, x, size)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, 1:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) -> dict[str, torch.Tensor]:
+    """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names; a position
+    embedding for another grid is resized bilinearly to the model's (as the official filter does)."""
+    state_dict = dict(state_dict.get("model", state_dict))
+    pe = state_dict.get("pos_embed")
+    if pe is not None and pe.shape != model.pos_embed.shape and pe.dim() == 3:
+        old = int(round((pe.shape[1] - 1) ** 0.5))
+        state_dict["pos_embed"] = resample_abs_pos_embed(pe, list(model.grid_size), [old, old], num_prefix_tokens=1,
+                                                         interpolation="bilinear", antialias=False)
+    return state_dict
+
+
+def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeit:
+    if kwargs.get("features_only"):
+        raise RuntimeError(f"{variant}: features_only is not provided for a non-hierarchical ViT; "
+                           "use forward_intermediates")
+    return build_model_with_cfg(AgentDeit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(origin_url: str = "", **kwargs) -> dict[str, Any]:
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
+            "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
+            "notes": ("official checkpoint: download origin_url and load it with "
+                      "pretrained_cfg_overlay=dict(file=PATH)",), **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_deit_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1"),
+    "agent_deit_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1"),
+    "agent_deit_b.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1"),
+})
+
+
+@register_model
+def agent_deit_t(pretrained: bool = False, **kwargs) -> AgentDeit:
+    """Agent-DeiT-T (6.0M, 74.9% ImageNet-1k top-1 at 224): 49 agents in all 12 blocks."""
+    args = dict(embed_dim=192, num_heads=3, agent_num=(49, 49, 49, 49))
+    return _create_agent_deit("agent_deit_t", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_s(pretrained: bool = False, **kwargs) -> AgentDeit:
+    """Agent-DeiT-S (22.7M, 80.5%): 49 agents in all 12 blocks."""
+    args = dict(embed_dim=384, num_heads=6, agent_num=(49, 49, 49, 49))
+    return _create_agent_deit("agent_deit_s", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_b(pretrained: bool = False, **kwargs) -> AgentDeit:
+    """Agent-DeiT-B (87.2M, 82.0%): 81 agents in blocks 0-3, plain attention in blocks 4-11."""
+    args = dict(embed_dim=768, num_heads=12, agent_num=(81, 81, 81, 81), agent_layer=4)
+    return _create_agent_deit("agent_deit_b", pretrained, **dict(args, **kwargs))
