@@ -5,3 +5,4 @@ Add a family here only once its module imports cleanly.
 from attnzoo.backbones import biformer  # noqa: F401
 from attnzoo.backbones import davit  # noqa: F401
 from attnzoo.backbones import focalnet  # noqa: F401
+from attnzoo.backbones import agent_deit, agent_pvt, agent_swin  # noqa: F401
