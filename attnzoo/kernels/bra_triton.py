@@ -280,7 +280,7 @@ def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, regi
     return out, lse
 
 
-def invert_region_index(region_index: torch.Tensor, n_win: int) -> tuple[torch.Tensor, torch.Tensor]:
+def invert_region_index(region_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key region, the query regions routed to it, in increasing order.
 
     Returns ``inv_q`` ``[B, R * topk]`` int32 (query regions grouped by key region) and ``inv_start``
@@ -315,7 +315,7 @@ def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         _bra_bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, idx, dq, dq, dq, *strides, *geometry,
                                  PRECISION=prec, ATOMIC_DKDV=False, **blocks)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        inv_q, inv_start = invert_region_index(idx, n_win)
+        inv_q, inv_start = invert_region_index(idx)
         grid_kv = (triton.cdiv(RH * RW, blocks["BLOCK_N"]) * n_win * n_win, B * n_heads)
         _bra_bwd_dkdv_kernel[grid_kv](q, k, v, grad_out, lse, delta, inv_q, inv_start, dk, dv, *strides, *geometry,
                                       PRECISION=prec, **blocks)
