@@ -130,7 +130,7 @@ class BiFormer(nn.Module):
                           nn.BatchNorm2d(embed_dims[i + 1]))
             for i in range(3)])
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(depths)]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i in range(4):
