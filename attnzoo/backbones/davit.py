@@ -196,7 +196,7 @@ class DaVit(nn.Module):
 
         self.stem = Stem(in_chans, embed_dims[0], norm_layer)
         # official schedule: linear over all attention blocks (two per dual block)
-        dpr = torch.linspace(0, drop_path_rate, 2 * sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, 2 * sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
         for i in range(num_stages):
             first = 2 * sum(depths[:i])
