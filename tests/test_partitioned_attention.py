@@ -180,11 +180,13 @@ def test_triton_matches_reference_fp32(case, monkeypatch):
 
 
 @pytest.mark.triton_interpret
-def test_triton_half_precision_interpreter(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_interpreter(dtype, monkeypatch):
     from attnzoo.kernels import partitioned_attention_triton
 
     monkeypatch.setattr(partitioned_attention_triton, "_alloc", _poisoning_alloc)
-    _check_against_float64((1, 8, 9, 2, 16, (4, 4), "window", (1, 2), True), torch.float16, "cpu", tol=4e-3)
+    tol = 4e-3 if dtype == torch.float16 else 1e-2
+    _check_against_float64((1, 8, 9, 2, 16, (4, 4), "window", (1, 2), True), dtype, "cpu", tol=tol)
 
 
 @pytest.mark.triton_interpret

@@ -207,8 +207,17 @@ def _rpb_args(rpb: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, 
     return rpb, rpb.stride(0), rpb.stride(1), rpb.stride(2)
 
 
+def _interpreter_bf16(t: torch.Tensor) -> bool:
+    """Triton's CPU interpreter multiplies the raw bits of bf16 ``tl.dot`` operands (seen with triton
+    3.7.1), so bf16 work on CPU runs in fp32 and is cast back."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
 def forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
     """Output ``[B, H, W, heads, D]`` (contiguous, q's dtype) and the log-sum-exp ``[B, H, W, heads]`` (fp32)."""
+    if _interpreter_bf16(q):
+        o, lse = forward(q.float(), k.float(), v.float(), rpb, ph, pw, grid, sy, sx, scale)
+        return o.to(q.dtype), lse
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
@@ -226,6 +235,9 @@ def forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
 
 def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
     """Gradients dq, dk, dv (contiguous, q's dtype) and d(rpb) (rpb's dtype; empty without rpb)."""
+    if _interpreter_bf16(q):
+        grads = backward(do.float(), q.float(), k.float(), v.float(), rpb, out.float(), lse, ph, pw, grid, sy, sx, scale)
+        return tuple(g.to(q.dtype) for g in grads[:3]) + (grads[3],)
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
