@@ -7,3 +7,4 @@ from attnzoo.backbones import davit  # noqa: F401
 from attnzoo.backbones import focalnet  # noqa: F401
 from attnzoo.backbones import agent_deit, agent_pvt, agent_swin  # noqa: F401
 from attnzoo.backbones import maxvit  # noqa: F401
+from attnzoo.backbones import nat, dinat  # noqa: F401
