@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from attnzoo.blocks.agent import AgentAttention
+from attnzoo.blocks.agent import AgentAttention, resize_agent_tables
 
 __all__ = ["AgentPvt"]
 
@@ -214,17 +214,24 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -
 
     ``pos_embed{i}``, ``patch_embed{i}.*`` and ``block{i}.{j}.*`` move to ``stages.{i-1}``; the attention,
     MLP and head names are the official ones. Unknown keys pass through so strict loading reports them.
+    Weights stored for another input size are resized to the model's (position embeddings bilinearly,
+    agent tables linearly, as the official code does when fine-tuning at another resolution).
     """
     state_dict = state_dict.get("model", state_dict)
-    if any(k.startswith("stages.") for k in state_dict):
-        return state_dict
     out = {}
     for k, v in state_dict.items():
         k = re.sub(r"^pos_embed(\d)$", lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed", k)
         k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed.", k)
         k = re.sub(r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.", k)
         out[k] = v
-    return out
+    for i, stage in enumerate(model.stages):
+        pe = out.get(f"stages.{i}.pos_embed")
+        if pe is not None and pe.dim() == 3 and pe.shape != stage.pos_embed.shape:
+            old = int(round(pe.shape[1] ** 0.5))
+            pe = F.interpolate(pe.reshape(1, old, old, -1).permute(0, 3, 1, 2), size=stage.grid_size,
+                               mode="bilinear", align_corners=False)
+            out[f"stages.{i}.pos_embed"] = pe.flatten(2).transpose(1, 2)
+    return resize_agent_tables(out, model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPvt:

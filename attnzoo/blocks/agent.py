@@ -228,3 +228,26 @@ class AgentAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, "
                 f"agent_shape={self.agent_shape}, bias_size={self.bias_size}, sr_ratio={self.sr_ratio}, "
                 f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
+_TABLE_AXIS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}  # the map axis of each 5-D table
+
+
+def resize_agent_tables(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resize ``ah/aw/ha/wa`` tables stored for another map size to ``model``'s, linearly
+    (align_corners=False) along the map axis: the official rule for fine-tuning at another resolution.
+    Tables whose heads or agents differ are left alone, so strict loading reports them."""
+    target = model.state_dict()
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        axis = _TABLE_AXIS.get(k.rsplit(".", 1)[-1])
+        if axis is None or k not in target or v.shape == target[k].shape or v.dim() != 5:
+            continue
+        want = target[k].shape
+        if [s for i, s in enumerate(v.shape) if i != axis] != [s for i, s in enumerate(want) if i != axis]:
+            continue
+        t = v.movedim(axis, -1)
+        lead = t.shape[:-1]
+        t = F.interpolate(t.reshape(1, -1, t.shape[-1]).float(), size=want[axis], mode="linear", align_corners=False)
+        out[k] = t.reshape(*lead, want[axis]).movedim(-1, axis).to(v.dtype)
+    return out
