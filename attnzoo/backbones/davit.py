@@ -35,9 +35,9 @@ __all__ = ["DaVit", "checkpoint_filter_fn"]
 
 
 def _pad_to(x: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad an NHWC map at the bottom/right to multiples of ``multiple``."""
-    H, W = x.shape[1:3]
-    return F.pad(x, (0, 0, 0, -W % multiple[1], 0, -H % multiple[0]))
+    """Zero-pad an NHWC map at the bottom/right to multiples of ``multiple`` (no copy when it fits)."""
+    pad_h, pad_w = -x.shape[1] % multiple[0], -x.shape[2] % multiple[1]
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 class ConvPosEnc(nn.Module):
@@ -60,8 +60,9 @@ class Stem(nn.Module):
         self.norm = norm_layer(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        x = F.pad(x, (0, -W % 4, 0, -H % 4))
+        pad_h, pad_w = -x.shape[-2] % 4, -x.shape[-1] % 4
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 

@@ -59,9 +59,9 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last_input:
             x = x.permute(0, 3, 1, 2)
-        if not self.overlap:
-            H, W = x.shape[-2:]
-            x = F.pad(x, (0, -W % self.stride, 0, -H % self.stride))
+        pad_h, pad_w = -x.shape[-2] % self.stride, -x.shape[-1] % self.stride
+        if not self.overlap and (pad_h or pad_w):
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x).permute(0, 2, 3, 1)
         return self.norm(x)
 
