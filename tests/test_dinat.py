@@ -12,7 +12,7 @@ from timm.models import get_pretrained_cfg
 
 import attnzoo.backbones.dinat  # noqa: F401  (registers the models)
 from tests.helpers import assert_rel_l2
-from tests.parity import create_from_official, load_fixture, parity_error, save_official_checkpoint
+from tests.parity import FIXTURES, create_from_official, load_fixture, parity_error, save_official_checkpoint
 from tests.test_nat import OFFICIAL, check_official_config
 
 # A reduced DiNAT-s (official layout and dilation pattern, small widths) for CPU-cheap structural tests.
@@ -24,12 +24,23 @@ def test_official_config(name):
     check_official_config(name)
 
 
-def test_parity_dinat_mini(tmp_path):
-    fx = load_fixture("dinat", "dinat_mini")
-    model = create_from_official("dinat_mini", save_official_checkpoint(fx, tmp_path / "dinat_mini_in1k_224.pth"))
+@pytest.mark.parametrize("variant", ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"])
+def test_parity(tmp_path, variant):
+    fx = load_fixture("dinat", variant)
+    model = create_from_official(variant, save_official_checkpoint(fx, tmp_path / f"{variant}.pth"))
     assert sum(p.numel() for p in model.parameters()) == fx.meta["params"]
     err = parity_error(model, fx)
-    assert err <= 2e-5, f"dinat_mini logits: relative L2 error {err:.2e} > 2e-5"
+    assert err <= 2e-5, f"{variant} logits: relative L2 error {err:.2e} > 2e-5"
+
+
+def test_parity_small_input_padding(tmp_path):
+    """At 96x96 every DiNAT-s level is smaller than a window: the official pad-before-qkv rule decides."""
+    fx = load_fixture("dinat", "dinat_s_tiny")
+    expected = torch.load(FIXTURES / "dinat" / "dinat_s_tiny" / "expected.pt", weights_only=True)["x96_logits"]
+    model = create_from_official("dinat_s_tiny", save_official_checkpoint(fx, tmp_path / "dinat_s_tiny.pth")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1)))
+    assert_rel_l2(out, expected, tol=2e-5, name="dinat_s_tiny 96x96 logits")
 
 
 def _to_official(name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
