@@ -1,8 +1,8 @@
 """Pure-PyTorch partitioned attention: the reference every other backend is tested against.
 
 It materialises what the Triton kernel only indexes: the map is zero-padded to a multiple of the
-partition, cyclically shifted (window mode), cut into partitions, and attention runs per partition with
-the relative-position bias and a boolean mask (padding and Swin's shift regions) added to the logits.
+partition, cyclically shifted (window mode), cut into partitions, and PyTorch's SDPA runs per partition
+with the relative-position bias and a -inf mask (padding and Swin's shift regions) added to the logits.
 """
 from __future__ import annotations
 
@@ -100,13 +100,13 @@ def partitioned_attention_reference(
         return _partition(t, partition_size, mode).transpose(2, 3)  # [B, nP, heads, N, D]
 
     qp, kp, vp = prep(q), prep(k), prep(v)
-    logits = (qp * scale) @ kp.transpose(-1, -2)  # [B, nP, heads, N, N]
-    if rpb is not None:
-        logits = logits + rpb_bias(rpb, partition_size).to(logits.dtype)
-    allowed = partition_mask(H, W, partition_size, mode, shift, q.device)
-    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padded queries: any finite row, discarded below
-    logits = logits.masked_fill(~allowed[None, :, None], float("-inf"))
-    out = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype) @ vp  # [B, nP, heads, N, D]
+    bias = None if rpb is None else rpb_bias(rpb, partition_size).to(q.dtype)  # [heads, N, N]
+    if Hp != H or Wp != W or any(shift):
+        allowed = partition_mask(H, W, partition_size, mode, shift, q.device)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # padded queries: any finite row, discarded below
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        bias = mask[:, None] if bias is None else bias + mask[:, None]  # [nP, heads or 1, N, N]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)  # [B, nP, heads, N, D]
     out = _unpartition(out.transpose(2, 3), partition_size, mode, Hp, Wp)
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=(1, 2))
