@@ -9,12 +9,19 @@ blocks of a 3x3 depthwise-conv position embedding, bi-level routing attention (s
 before the pooled linear head. Module and parameter names follow the official ``models/biformer.py``,
 so official checkpoints (``{"model": state_dict}``) load key for key.
 
+``biformer_stl`` is the official Swin-Tiny-layout ablation model (``models/biformer_stl.py``: patchify
+stem, BatchNorm patch merging, no position-embedding conv, legacy BRA). The refactored
+``biformer_stl_nchw`` is not registered: its routing pads after the projection and uses a fixed region
+size with a variable region count for maps not divisible by ``n_win``, which the fixed-``n_win``
+routing kernel does not express.
+
 Dense prediction: any input size works (each routing attention pads its map to multiples of
 ``n_win`` and crops, as the official ``auto_pad``); pass ``n_win=16`` (COCO) or ``n_win=8`` (ADE20K
 512x512) and, if wanted, ``topks`` at creation, like the official mmdet/mmseg configs.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -32,17 +39,19 @@ FULL_ATTENTION = -2  # the official code's topk value for global attention with 
 
 
 class BiFormerBlock(nn.Module):
-    """``x + dwconv3x3(x)``, then pre-norm attention and MLP residuals (LayerNorm eps 1e-6).
+    """``x + dwconv3x3(x)`` (BiFormer layout only), then pre-norm attention and MLP residuals (LayerNorm
+    eps 1e-6).
 
     NCHW in and out, as the official block; attention and MLP run in NHWC. ``topk > 0`` selects
     bi-level routing attention with ``num_heads`` heads, ``topk == -2`` global attention with LePE
-    (8 heads, the official default).
+    (8 heads, the official default). ``layout="stl"`` is the Swin-Tiny-layout block of the official
+    ablation model: no position-embedding conv and an MLP without the empty slot (keys mlp.0 / mlp.2).
     """
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
-                 side_dwconv: int = 5, drop_path: float = 0.0) -> None:
+                 side_dwconv: int = 5, drop_path: float = 0.0, layout: str = "biformer") -> None:
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if layout == "biformer" else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk == FULL_ATTENTION:
             self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
@@ -53,12 +62,14 @@ class BiFormerBlock(nn.Module):
                              f"{FULL_ATTENTION} (global attention with LePE), got {topk!r}")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
-        # Official layout (Linear, identity slot for an optional dwconv, GELU, Linear): keys mlp.0 / mlp.3.
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+        # BiFormer's MLP keeps an identity slot (for an optional dwconv) between fc1 and GELU.
+        slot = [nn.Identity()] if layout == "biformer" else []
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), *slot, nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -88,6 +99,7 @@ class BiFormer(nn.Module):
             n_win: int | Sequence[int] = 7,
             topks: Sequence[int] = (1, 4, 16, FULL_ATTENTION),
             side_dwconv: int = 5,
+            layout: str = "biformer",
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = "avg",
@@ -102,6 +114,9 @@ class BiFormer(nn.Module):
             n_win: regions per side for routing attention, one value or one per stage.
             topks: routed regions per stage; ``-2`` = global attention with LePE (official encoding).
             side_dwconv: LePE depthwise kernel size.
+            layout: "biformer" (conv stem, conv3x3-s2 downsamplers, position-embedding conv in each block)
+                or "stl" (the official Swin-Tiny-layout ablation model: 4x4 patchify + BatchNorm stem,
+                BatchNorm + conv2x2-s2 patch merging, blocks under ``stages.i.blocks``).
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
         """
         super().__init__()
@@ -118,26 +133,33 @@ class BiFormer(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
 
-        stem = nn.Sequential(
-            nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
-            nn.BatchNorm2d(embed_dims[0] // 2),
-            nn.GELU(),
-            nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
-            nn.BatchNorm2d(embed_dims[0]),
-        )
-        self.downsample_layers = nn.ModuleList([stem] + [
-            nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, stride=2, padding=1),
-                          nn.BatchNorm2d(embed_dims[i + 1]))
-            for i in range(3)])
+        if layout == "biformer":
+            stem = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0] // 2),
+                nn.GELU(),
+                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0]),
+            )
+            downsamplers = [nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, stride=2, padding=1),
+                                          nn.BatchNorm2d(embed_dims[i + 1])) for i in range(3)]
+        elif layout == "stl":
+            stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
+            downsamplers = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]),
+                                          nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, stride=2)) for i in range(3)]
+        else:
+            raise ValueError(f"BiFormer: layout must be 'biformer' or 'stl', got {layout!r}")
+        self.downsample_layers = nn.ModuleList([stem] + downsamplers)
 
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i in range(4):
-            self.stages.append(nn.Sequential(*[
-                BiFormerBlock(embed_dims[i], embed_dims[i] // head_dim, n_wins[i], topks[i],
-                              mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv, drop_path=dpr[i][j])
-                for j in range(depths[i])]))
+            blocks = nn.Sequential(*[
+                BiFormerBlock(embed_dims[i], embed_dims[i] // head_dim, n_wins[i], topks[i], mlp_ratio=mlp_ratios[i],
+                              side_dwconv=side_dwconv, drop_path=dpr[i][j], layout=layout)
+                for j in range(depths[i])])
+            self.stages.append(blocks if layout == "biformer" else nn.Sequential(OrderedDict(blocks=blocks)))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
 
         self.norm = nn.BatchNorm2d(embed_dims[-1])
@@ -165,7 +187,7 @@ class BiFormer(nn.Module):
             stem=r"^downsample_layers\.0",
             blocks=r"^stages\.(\d+)" if coarse else [
                 (r"^downsample_layers\.(\d+)", None),
-                (r"^stages\.(\d+)\.(\d+)", None),
+                (r"^stages\.(\d+)\.(?:blocks\.)?(\d+)", None),
                 (r"^norm", (99999,)),
             ],
         )
@@ -187,7 +209,7 @@ class BiFormer(nn.Module):
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample_layers[i](x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
+            return checkpoint_seq(getattr(self.stages[i], "blocks", self.stages[i]), x)
         return self.stages[i](x)
 
     def forward_intermediates(
@@ -297,6 +319,9 @@ default_cfgs = generate_default_cfgs({
     "biformer_base.in1k": _cfg(
         url=_ONEDRIVE.format("s!AkBbczdRlZvChHI_XPhoadjaNxtO"), file_name="biformer_base_in1k.pth",
         notes=("ImageNet-1k top-1 84.3 (official)",)),
+    "biformer_stl.in1k": _cfg(
+        url=_ONEDRIVE.format("s!AkBbczdRlZvChSf-m7ujkvx9lIQ1"), file_name="biformer_stl_in1k.pth",
+        notes=("ImageNet-1k top-1 82.7 (official; Swin-Tiny-layout ablation model)",)),
 })
 
 
@@ -319,3 +344,10 @@ def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
     """BiFormer-B: depths 4-4-18-4, widths 96-768 (56.8 M params)."""
     model_args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
     return _create_biformer("biformer_base", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-STL: Swin-T layout (depths 2-2-6-2, widths 96-768, MLP ratio 4) with BRA (28.4 M params)."""
+    model_args = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratios=4.0, layout="stl")
+    return _create_biformer("biformer_stl", pretrained, **dict(model_args, **kwargs))
