@@ -146,11 +146,15 @@ def test_masked_window_padding_option():
 def test_grad_checkpointing_matches():
     model = _randomize_(timm.create_model("davit_t", **SMALL))
     x = torch.randn(2, 3, 64, 64)
+    calls = []
+    model.stages[1].blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     grads = []
     for enable in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(enable)
+        calls.clear()
         model(x).square().mean().backward()
+        assert len(calls) == (2 if enable else 1)  # checkpointed blocks run again in backward, once
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

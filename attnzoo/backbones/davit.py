@@ -224,6 +224,7 @@ class DaVit(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (per stage), so a training step stores only block inputs."""
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
@@ -276,10 +277,7 @@ class DaVit(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
+        return self.stages(self.stem(x))  # stages checkpoint their blocks when enabled
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -207,6 +207,7 @@ class FocalNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (per stage), so a training step stores only block inputs."""
         self.grad_checkpointing = enable
         for stage in self.layers:
             stage.grad_checkpointing = enable
@@ -265,12 +266,7 @@ class FocalNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.layers, x)
-        else:
-            x = self.layers(x)
-        return self.norm(x)
+        return self.norm(self.layers(self.stem(x)))  # stages checkpoint their blocks when enabled
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
