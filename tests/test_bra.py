@@ -275,6 +275,9 @@ def test_triton_backend_errors():
     q = torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"backend='triton' supports dtypes"):
         bra(q, q, q, 4, 2, backend="triton")
+    q = torch.randn(1, 8, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"interpreter, whose tl.dot does not support bfloat16"):
+        bra(q, q, q, 4, 2, backend="triton")
     q = torch.randn(1, 8, 8, 2, 4)
     with pytest.raises(ValueError, match=r"needs q/k head dim in \[8, 128\], got 4"):
         bra(q, q, q, 4, 2, backend="triton")

@@ -58,6 +58,9 @@ def _check_triton_inputs(q: torch.Tensor, v: torch.Tensor, op: str) -> None:
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"{op}: backend='triton' supports dtypes {_TRITON_DTYPES}, got {q.dtype}; "
                         "use backend='reference'")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise TypeError(f"{op}: backend='triton' on {q.device.type} runs Triton's interpreter, whose tl.dot does not "
+                        "support bfloat16 (triton-lang/triton#11584); use float16/float32 or backend='reference'")
     for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
         if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
             raise ValueError(f"{op}: backend='triton' needs {name} head dim in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], "
@@ -142,10 +145,10 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
                          f"got {tuple(region_index.shape)}")
     if region_index.device != q.device:
         raise ValueError(f"{op}: region_index must be on q's device {q.device}, got {region_index.device}")
-    if not torch.compiler.is_compiling() and region_index.numel() and (
-            int(region_index.min()) < 0 or int(region_index.max()) >= R):
-        raise ValueError(f"{op}: region_index values must be in [0, n_win**2) = [0, {R}), got range "
-                         f"[{int(region_index.min())}, {int(region_index.max())}]")
+    if not torch.compiler.is_compiling():  # one host sync; bra() routes itself and skips it
+        lo, hi = (int(x) for x in torch.aminmax(region_index))
+        if lo < 0 or hi >= R:
+            raise ValueError(f"{op}: region_index values must be in [0, n_win**2) = [0, {R}), got range [{lo}, {hi}]")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attend(q, k, v, region_index, n_win, scale, backend, deterministic, op)
 

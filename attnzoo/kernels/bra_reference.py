@@ -38,8 +38,9 @@ def route_regions(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, routi
     backend routes identically; no gradient flows through routing.
     """
     acc = torch.promote_types(q.dtype, torch.float32)
-    q_r = region_partition(q, n_win).to(acc).mean(2).flatten(2)  # [B, R, heads * D]
-    k_r = region_partition(k, n_win).to(acc).mean(2).flatten(2)
+    B, H, W = q.shape[:3]
+    q_r, k_r = (x.reshape(B, n_win, H // n_win, n_win, W // n_win, -1).mean(dim=(2, 4), dtype=acc).flatten(1, 2)
+                for x in (q, k))  # [B, R, heads * D], accumulated in `acc` without an upcast copy
     affinity = (q_r * routing_scale) @ k_r.transpose(1, 2)  # [B, R, R]
     return torch.topk(affinity, k=topk, dim=-1).indices
 

@@ -98,18 +98,20 @@ def _bra_fwd_kernel(
 
 @triton.jit
 def _bra_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, Idx, DQ, DKacc, DVacc,
+    Q, K, V, O, DO, Lse, Delta, Idx, DQ, DKacc, DVacc,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
     sob, soh, sow, son, sod,
+    sgb, sgh, sgw, sgn, sgd,
     n_heads, n_win, TOPK, RH, RW, D, DV, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, ATOMIC_DKDV: tl.constexpr,
 ):
-    """dq for one query block; with ATOMIC_DKDV also dk/dv contributions into fp32 accumulators.
+    """dq for one query block; with ATOMIC_DKDV also dk/dv contributions into fp32 accumulators, else
+    the row sums delta = rowsum(dO * O) stored for the dk/dv kernel.
 
-    DQ has q's strides; DKacc/DVacc are contiguous fp32 [B, H, W, heads, D/Dv]; DO has out's strides.
+    DQ has q's strides; DKacc/DVacc are contiguous fp32 [B, H, W, heads, D/Dv]; O has strides s*o*, DO s*g*.
     """
     T = RH * RW
     R = n_win * n_win
@@ -120,7 +122,7 @@ def _bra_bwd_dq_kernel(
     b = (tl.program_id(1) // n_heads).to(tl.int64)
     h = tl.program_id(1) % n_heads
 
-    # Query-side tiles: q [BLOCK_M, BLOCK_D], dO [BLOCK_M, BLOCK_DV], lse/delta [BLOCK_M] of this region.
+    # Query-side tiles: q [BLOCK_M, BLOCK_D], O and dO [BLOCK_M, BLOCK_DV], lse/delta [BLOCK_M] of this region.
     offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < T
     offs_d = tl.arange(0, BLOCK_D)
@@ -130,12 +132,16 @@ def _bra_bwd_dq_kernel(
     tok_q = _token_offsets(region, offs_m, n_win, RH, RW, sqh, sqw)
     q = tl.load(Q + b * sqb + h * sqn + tok_q[:, None] + offs_d[None, :] * sqd,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    mask_o = mask_m[:, None] & mask_dv[None, :]
     tok_o = _token_offsets(region, offs_m, n_win, RH, RW, soh, sow)
-    do = tl.load(DO + b * sob + h * son + tok_o[:, None] + offs_dv[None, :] * sod,
-                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+    o = tl.load(O + b * sob + h * son + tok_o[:, None] + offs_dv[None, :] * sod, mask=mask_o, other=0.0)
+    tok_g = _token_offsets(region, offs_m, n_win, RH, RW, sgh, sgw)
+    do = tl.load(DO + b * sgb + h * sgn + tok_g[:, None] + offs_dv[None, :] * sgd, mask=mask_o, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = b * (n_win * RH) * W * n_heads + h + _token_offsets(region, offs_m, n_win, RH, RW, W * n_heads, n_heads)
     lse2 = tl.load(Lse + row, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + row, mask=mask_m, other=0.0)
+    if not ATOMIC_DKDV:
+        tl.store(Delta + row, delta, mask=mask_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     idx_row = Idx + (b * R + region) * TOPK
@@ -178,7 +184,7 @@ def _bra_bwd_dkdv_kernel(
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod,
+    sgb, sgh, sgw, sgn, sgd,
     n_heads, n_win, TOPK, RH, RW, D, DV, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -218,12 +224,12 @@ def _bra_bwd_dkdv_kernel(
         mask_m = offs_m < n_queries
         q_region = tl.load(InvQ + b * R * TOPK + start + offs_m // T, mask=mask_m, other=0)
         tok_q = _token_offsets(q_region, offs_m % T, n_win, RH, RW, sqh, sqw)
-        tok_o = _token_offsets(q_region, offs_m % T, n_win, RH, RW, soh, sow)
+        tok_g = _token_offsets(q_region, offs_m % T, n_win, RH, RW, sgh, sgw)
         row = b * (n_win * RH) * W * n_heads + h + _token_offsets(q_region, offs_m % T, n_win, RH, RW,
                                                                    W * n_heads, n_heads)
         qT = tl.load(Q + b * sqb + h * sqn + tok_q[None, :] + offs_d[:, None] * sqd,
                      mask=mask_m[None, :] & mask_d[:, None], other=0.0)
-        doT = tl.load(DO + b * sob + h * son + tok_o[None, :] + offs_dv[:, None] * sod,
+        doT = tl.load(DO + b * sgb + h * sgn + tok_g[None, :] + offs_dv[:, None] * sgd,
                       mask=mask_m[None, :] & mask_dv[:, None], other=0.0)
         lse2 = tl.load(Lse + row, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row, mask=mask_m, other=0.0)
@@ -248,10 +254,19 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _blocks(T: int, D: int, Dv: int) -> dict:
-    """Tile sizes: query/key blocks cover a region's tokens (at least 16 rows for tl.dot)."""
-    return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(T))), BLOCK_N=64,
-                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
+def kernel_config(kernel: str, T: int, D: int, Dv: int) -> dict:
+    """Launch parameters of ``kernel`` ("fwd", "dq", "dkdv") for regions of ``T`` tokens.
+
+    The walked side (keys for fwd/dq, queries for dkdv) is flattened across regions, so its block is
+    filled even for 2x2 regions; the owned side covers one region's tokens, at least 16 rows for tl.dot.
+    """
+    owned = min(64 if kernel == "fwd" else 32, max(16, triton.next_power_of_2(T)))
+    walked = 64
+    config = dict(BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+                  num_warps=4, num_stages=2)
+    if kernel == "dkdv":
+        return dict(config, BLOCK_M=walked, BLOCK_N=owned)
+    return dict(config, BLOCK_M=owned, BLOCK_N=walked)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -259,24 +274,19 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if torch.empty_like(t, device="meta").stride() == t.stride() else t.contiguous()
 
 
-def _geometry(q: torch.Tensor, n_win: int) -> tuple[int, int, int, int, int, int]:
-    B, H, W, n_heads = q.shape[:4]
-    return B, n_heads, H // n_win, W // n_win, H, W
-
-
 def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
                          n_win: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, W, heads, Dv]`` and log-sum-exp ``[B, H, W, heads]`` (fp32)."""
-    B, n_heads, RH, RW, H, W = _geometry(q, n_win)
-    D, Dv, topk = q.shape[-1], v.shape[-1], region_index.shape[-1]
+    B, H, W, n_heads, D = q.shape
+    RH, RW, Dv, topk = H // n_win, W // n_win, v.shape[-1], region_index.shape[-1]
     idx = region_index.to(torch.int32).contiguous()
     out = torch.empty((*q.shape[:-1], Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    blocks = _blocks(RH * RW, D, Dv)
-    grid = (triton.cdiv(RH * RW, blocks["BLOCK_M"]) * n_win * n_win, B * n_heads)
+    config = kernel_config("fwd", RH * RW, D, Dv)
+    grid = (triton.cdiv(RH * RW, config["BLOCK_M"]) * n_win * n_win, B * n_heads)
     _bra_fwd_kernel[grid](
         q, k, v, out, lse, idx, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=_precision(q.dtype), **blocks)
+        n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=_precision(q.dtype), **config)
     return out, lse
 
 
@@ -300,28 +310,30 @@ def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          out: torch.Tensor, lse: torch.Tensor, region_index: torch.Tensor, n_win: int,
                          scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv. ``deterministic`` selects the inverted-index dk/dv kernel instead of fp32 atomics."""
-    B, n_heads, RH, RW, H, W = _geometry(q, n_win)
-    D, Dv, topk = q.shape[-1], v.shape[-1], region_index.shape[-1]
+    B, H, W, n_heads, D = q.shape
+    RH, RW, Dv, topk = H // n_win, W // n_win, v.shape[-1], region_index.shape[-1]
+    R, T = n_win * n_win, RH * RW
     q, k, v = (_dense(t) for t in (q, k, v))
     idx = region_index.to(torch.int32).contiguous()
-    delta = torch.einsum("bhwnd,bhwnd->bhwn", grad_out.float(), out.float()).contiguous()
     dq = torch.empty_like(q)
-    blocks = _blocks(RH * RW, D, Dv)
     prec = _precision(q.dtype)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride())
     geometry = (n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, scale)
-    grid = (triton.cdiv(RH * RW, blocks["BLOCK_M"]) * n_win * n_win, B * n_heads)
+    config = kernel_config("dq", T, D, Dv)
+    grid = (triton.cdiv(T, config["BLOCK_M"]) * R, B * n_heads)
     if deterministic:
-        _bra_bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, idx, dq, dq, dq, *strides, *geometry,
-                                 PRECISION=prec, ATOMIC_DKDV=False, **blocks)
+        delta = torch.empty_like(lse)
+        _bra_bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, delta, idx, dq, dq, dq, *strides, *out.stride(),
+                                 *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=False, **config)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         inv_q, inv_start = invert_region_index(idx)
-        grid_kv = (triton.cdiv(RH * RW, blocks["BLOCK_N"]) * n_win * n_win, B * n_heads)
-        _bra_bwd_dkdv_kernel[grid_kv](q, k, v, grad_out, lse, delta, inv_q, inv_start, dk, dv, *strides, *geometry,
-                                      PRECISION=prec, **blocks)
+        config = kernel_config("dkdv", T, D, Dv)
+        grid = (triton.cdiv(T, config["BLOCK_N"]) * R, B * n_heads)
+        _bra_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, inv_q, inv_start, dk, dv, *strides,
+                                   *grad_out.stride(), *geometry, PRECISION=prec, **config)
         return dq, dk, dv
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    _bra_bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, idx, dq, dk_acc, dv_acc, *strides, *geometry,
-                             PRECISION=prec, ATOMIC_DKDV=True, **blocks)
+    _bra_bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, lse, idx, dq, dk_acc, dv_acc, *strides, *out.stride(),
+                             *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=True, **config)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
