@@ -62,8 +62,8 @@ class AgentDeitBlock(nn.Module):
 
 class AgentDeit(nn.Module):
     """Agent-DeiT classifier. ``forward_features`` returns the normed tokens ``[B, 1 + H*W, C]`` (cls first);
-    ``forward_head`` classifies the cls token; ``forward_intermediates`` gives block outputs as NCHW maps of
-    the patch tokens (stride 16)."""
+    ``forward_head`` classifies the cls token; ``forward_intermediates`` / ``features_only`` give block
+    outputs as NCHW maps of the patch tokens (stride 16; by default the last three blocks)."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 192, depth: int = 12,
@@ -216,10 +216,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) 
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeit:
-    if kwargs.get("features_only"):
-        raise RuntimeError(f"{variant}: features_only is not provided for a non-hierarchical ViT; "
-                           "use forward_intermediates")
-    return build_model_with_cfg(AgentDeit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    out_indices = kwargs.pop("out_indices", 3)  # timm ViT default: the last three blocks
+    return build_model_with_cfg(AgentDeit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _cfg(origin_url: str = "", **kwargs) -> dict[str, Any]:
