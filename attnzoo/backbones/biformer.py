@@ -51,6 +51,8 @@ class BiFormerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
                  side_dwconv: int = 5, drop_path: float = 0.0, layout: str = "biformer") -> None:
         super().__init__()
+        if layout not in ("biformer", "stl"):
+            raise ValueError(f"BiFormerBlock: layout must be 'biformer' or 'stl', got {layout!r}")
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if layout == "biformer" else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk == FULL_ATTENTION:
