@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import attnzoo
 import attnzoo.backbones.dinat  # noqa: F401  (registers the models)
 import attnzoo.backbones.nat  # noqa: F401
-from attnzoo.backbones.nat import NAT, NATIsotropic, checkpoint_filter_fn
+from attnzoo.backbones.nat import NATIsotropic, checkpoint_filter_fn
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.neighborhood import NeighborhoodAttention2d
 from attnzoo.kernels.na2d import na2d
@@ -155,7 +155,8 @@ def test_features_only_nat_mini():
     assert model.feature_info.channels() == [64, 128, 256, 512]
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 64, 64))
-    assert [tuple(f.shape) for f in feats] == [(1, c, *hw) for c, hw in zip((64, 128, 256, 512), _expected_maps(64, 64))]
+    expected = [(1, c, *hw) for c, hw in zip((64, 128, 256, 512), _expected_maps(64, 64))]
+    assert [tuple(f.shape) for f in feats] == expected
 
 
 @pytest.mark.parametrize("size", [(200, 300), (61, 93)])
@@ -244,7 +245,7 @@ def test_compile_fullgraph_nat_mini():
     model = timm.create_model("nat_mini").eval()
     set_attention_backend(model, "reference")
     x = torch.randn(1, 3, 64, 96)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # dynamo: any graph break raises
     with torch.no_grad():
         assert_rel_l2(compiled(x), model(x))
 

@@ -15,7 +15,6 @@ official models (see ``attnzoo.blocks.neighborhood``).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
