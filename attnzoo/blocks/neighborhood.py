@@ -24,7 +24,7 @@ class NeighborhoodAttention2d(nn.Module):
     Args:
         dim: Channels of the input and output.
         num_heads: Attention heads; ``dim`` must be divisible by it.
-        kernel_size: Odd neighbourhood size (per axis).
+        kernel_size: Odd neighbourhood size (per axis), at least 3.
         dilation: Spacing between neighbours (DiNAT); 1 is plain NA.
         qkv_bias: Bias in the qkv projection.
         rel_pos_bias: Learn a ``[num_heads, 2k-1, 2k-1]`` bias table (``rpb``) added to the logits.
@@ -49,8 +49,8 @@ class NeighborhoodAttention2d(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size}")
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 3, got {kernel_size}")
         if dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {dilation}")
         self.num_heads = num_heads
