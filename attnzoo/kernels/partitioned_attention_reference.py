@@ -6,6 +6,8 @@ with the relative-position bias and a -inf mask (padding and Swin's shift region
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -67,15 +69,20 @@ def partition_mask(H: int, W: int, part: tuple[int, int], mode: str, shift: tupl
     return valid[:, None, :] & (region[:, :, None] == region[:, None, :])
 
 
+@functools.lru_cache(maxsize=64)
+def relative_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
+    """``[N*N]`` index into a flattened ``[2ph-1, 2pw-1]`` table for every (query, key) pair of a partition:
+    ``(ky - qy + ph - 1) * (2pw - 1) + (kx - qx + pw - 1)`` (cached: built once per size and device)."""
+    n = torch.arange(ph * pw, device=device)
+    i, j = n // pw, n % pw
+    return ((i[None, :] - i[:, None] + ph - 1) * (2 * pw - 1) + (j[None, :] - j[:, None] + pw - 1)).flatten()
+
+
 def rpb_bias(rpb: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
     """Expand a table ``[heads, 2ph-1, 2pw-1]`` to ``[heads, N, N]``: bias[h, q, k] = rpb[h, dk_y + ph-1, dk_x + pw-1]
     with ``dk = key position - query position`` inside the partition."""
     ph, pw = part
-    ys, xs = torch.meshgrid(torch.arange(ph, device=rpb.device), torch.arange(pw, device=rpb.device), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[None, :] - ys[:, None] + ph - 1
-    dx = xs[None, :] - xs[:, None] + pw - 1
-    return rpb[:, dy, dx]
+    return rpb.flatten(1)[:, relative_index(ph, pw, rpb.device)].view(-1, ph * pw, ph * pw)
 
 
 def partitioned_attention_reference(

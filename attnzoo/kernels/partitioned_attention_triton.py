@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels.partitioned_attention_reference import padded_size
+import torch.nn.functional as F
+
+from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index, rpb_bias
 
 
 def _alloc(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -50,26 +52,32 @@ def _token(n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID: tl.constexpr):
 
 
 @triton.jit
-def _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, rpb_ptr, s_rh, s_ry, s_rx, h, scale,
-            PH, PW, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Logits of a [BLOCK_M, BLOCK_N] tile in log2 units (scaled q·k + bias), -inf where not allowed."""
+def _logits(q, k, offs_m, offs_n, qreg, kreg, kvalid, BIAS, h, scale,
+            HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, N_PAD: tl.constexpr):
+    """Logits of a [BLOCK_M, BLOCK_N] tile in log2 units (scaled q·k + bias), -inf where not allowed.
+    ``BIAS`` is the table expanded to [heads, N_PAD, N_PAD] (zero-padded): a contiguous, L2-resident tile."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     if HAS_RPB:
-        dy = ki[None, :] - qi[:, None] + PH - 1
-        dx = kj[None, :] - qj[:, None] + PW - 1
-        inside = (dy >= 0) & (dy < 2 * PH - 1) & (dx >= 0) & (dx < 2 * PW - 1)  # false only on padded rows/columns
-        s += tl.load(rpb_ptr + h * s_rh + dy * s_ry + dx * s_rx, mask=inside, other=0.0).to(tl.float32)
+        s += tl.load(BIAS + (h * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :])
     allowed = kvalid[None, :] & (qreg[:, None] == kreg[None, :])
     return tl.where(allowed, s * 1.4426950408889634, float("-inf"))
 
 
 @triton.jit
+def _row_mask(valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[rows, BLOCK_D] load/store mask; without head-dim padding it stays constant along D, so the
+    accesses vectorise."""
+    if D == BLOCK_D:
+        return valid[:, None]
+    return valid[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _pa_fwd(
-    Q, K, V, O, LSE, RPB,
+    Q, K, V, O, LSE, BIAS,
     s_qb, s_qh, s_qw, s_qn, s_kb, s_kh, s_kw, s_kn, s_vb, s_vh, s_vw, s_vn,
-    s_rh, s_ry, s_rx,
     NP, NH, N, H, W, Hp, Wp, PH, PW, SY, SX, scale,
-    D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bp = tl.program_id(0)
@@ -78,12 +86,11 @@ def _pa_fwd(
     b = (bp // NP).to(tl.int64)
     p = bp % NP
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
 
     # query tile [BLOCK_M, BLOCK_D]: tokens m0.. of partition p, head h
     offs_m = m0 + tl.arange(0, BLOCK_M)
     qy, qx, qi, qj, qreg, qvalid = _token(offs_m, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
-    qmask = qvalid[:, None] & dmask[None, :]
+    qmask = _row_mask(qvalid, offs_d, D, BLOCK_D)
     q = tl.load(Q + b * s_qb + (qy * s_qh + qx * s_qw + h * s_qn)[:, None] + offs_d[None, :], mask=qmask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the log2 logits
@@ -93,11 +100,10 @@ def _pa_fwd(
         # key / value tiles [BLOCK_N, BLOCK_D]: tokens n0.. of the same partition
         offs_n = n0 + tl.arange(0, BLOCK_N)
         ky, kx, ki, kj, kreg, kvalid = _token(offs_n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
-        kmask = kvalid[:, None] & dmask[None, :]
+        kmask = _row_mask(kvalid, offs_d, D, BLOCK_D)
         k = tl.load(K + b * s_kb + (ky * s_kh + kx * s_kw + h * s_kn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * s_vb + (ky * s_vh + kx * s_vw + h * s_vn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
-        s = _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, RPB, s_rh, s_ry, s_rx, h, scale, PH, PW,
-                    HAS_RPB, DOT_PRECISION)
+        s = _logits(q, k, offs_m, offs_n, qreg, kreg, kvalid, BIAS, h, scale, HAS_RPB, DOT_PRECISION, N_PAD)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         pr = tl.math.exp2(s - m_safe[:, None])
@@ -115,9 +121,8 @@ def _pa_fwd(
 
 @triton.jit
 def _pa_bwd(
-    Q, K, V, DO, LSE, DELTA, RPB, DQ, DK, DV, DBIAS,
+    Q, K, V, O, DO, LSE, BIAS, DQ, DK, DV, DBIAS,
     s_qb, s_qh, s_qw, s_qn, s_kb, s_kh, s_kw, s_kn, s_vb, s_vh, s_vw, s_vn,
-    s_rh, s_ry, s_rx,
     BP, NP, NH, N, H, W, Hp, Wp, PH, PW, SY, SX, scale,
     D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PARTS: tl.constexpr, ONE_BLOCK: tl.constexpr, N_PAD: tl.constexpr,
@@ -126,7 +131,6 @@ def _pa_bwd(
     h = tl.program_id(1) % NH
     n0 = (tl.program_id(1) // NH) * BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     offs_n = n0 + tl.arange(0, BLOCK_N)
     # d(logit) summed over this program's partitions: the [query, key] slice of the bias gradient
     ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -138,25 +142,25 @@ def _pa_bwd(
         # key / value tiles [BLOCK_N, BLOCK_D] of partition p, head h; their gradients accumulate here
         ky, kx, ki, kj, kreg, kvalid = _token(offs_n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
         kvalid = kvalid & live
-        kmask = kvalid[:, None] & dmask[None, :]
+        kmask = _row_mask(kvalid, offs_d, D, BLOCK_D)
         k = tl.load(K + b * s_kb + (ky * s_kh + kx * s_kw + h * s_kn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * s_vb + (ky * s_vh + kx * s_vw + h * s_vn)[:, None] + offs_d[None, :], mask=kmask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for m0 in range(0, N, BLOCK_M):
-            # query-side tiles [BLOCK_M, BLOCK_D]: q, dO; per-row lse and delta = rowsum(dO * O)
+            # query-side tiles [BLOCK_M, BLOCK_D]: q, O, dO; per row the lse and delta = rowsum(dO * O)
             offs_m = m0 + tl.arange(0, BLOCK_M)
             qy, qx, qi, qj, qreg, qvalid = _token(offs_m, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID)
             qvalid = qvalid & live
-            qmask = qvalid[:, None] & dmask[None, :]
+            qmask = _row_mask(qvalid, offs_d, D, BLOCK_D)
             q = tl.load(Q + b * s_qb + (qy * s_qh + qx * s_qw + h * s_qn)[:, None] + offs_d[None, :],
                         mask=qmask, other=0.0)
             tok = ((b * H + qy) * W + qx) * NH + h
             do = tl.load(DO + tok[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            o = tl.load(O + tok[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             lse = tl.load(LSE + tok, mask=qvalid, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + tok, mask=qvalid, other=0.0)
-            s = _logits(q, k, qi, qj, qreg, ki, kj, kreg, kvalid, RPB, s_rh, s_ry, s_rx, h, scale, PH, PW,
-                        HAS_RPB, DOT_PRECISION)
+            s = _logits(q, k, offs_m, offs_n, qreg, kreg, kvalid, BIAS, h, scale, HAS_RPB, DOT_PRECISION, N_PAD)
             pr = tl.where(qvalid[:, None], tl.math.exp2(s - lse[:, None]), 0.0)  # probabilities [BLOCK_M, BLOCK_N]
             dv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -171,17 +175,19 @@ def _pa_bwd(
                 if ONE_BLOCK:
                     ds_sum += ds
                 else:
-                    offs_bm = m0 + tl.arange(0, BLOCK_M)
-                    tl.atomic_add(DBIAS + (h * N_PAD + offs_bm[:, None]) * N_PAD + offs_n[None, :], ds,
-                                  mask=(offs_bm[:, None] < N) & (offs_n[None, :] < N))
+                    tl.atomic_add(DBIAS + (h * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :], ds)
         tok_k = ((b * H + ky) * W + kx) * NH + h
         tl.store(DK + tok_k[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
         tl.store(DV + tok_k[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
     if HAS_RPB:
         if ONE_BLOCK:
-            offs_bm = tl.arange(0, BLOCK_M)
-            tl.atomic_add(DBIAS + (h * N_PAD + offs_bm[:, None]) * N_PAD + offs_n[None, :], ds_sum,
-                          mask=(offs_bm[:, None] < N) & (offs_n[None, :] < N))
+            offs_m = tl.arange(0, BLOCK_M)
+            tl.atomic_add(DBIAS + (h * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :], ds_sum)
+
+
+# launch settings (the benchmark sweeps alternatives; see benchmarks/NOTES_partitioned_attention.md)
+FWD_LAUNCH = dict(num_warps=4, num_stages=2)
+BWD_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
 def _blocks(N: int, D: int) -> tuple[int, int, int]:
@@ -201,10 +207,13 @@ def _geometry(q: torch.Tensor, ph: int, pw: int) -> tuple[int, int, int, int]:
     return Hp, Wp, (Hp // ph) * (Wp // pw), ph * pw
 
 
-def _rpb_args(rpb: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+def _bias_tile(rpb: torch.Tensor | None, ph: int, pw: int, n_pad: int, q: torch.Tensor) -> torch.Tensor:
+    """The table expanded to fp32 [heads, n_pad, n_pad] logit biases, zero-padded (a dummy without rpb)."""
     if rpb is None:
-        return q, 0, 0, 0  # dummy pointer, never read (HAS_RPB is False)
-    return rpb, rpb.stride(0), rpb.stride(1), rpb.stride(2)
+        return q  # never read: HAS_RPB is False
+    bias = rpb_bias(rpb.float(), (ph, pw))
+    pad = n_pad - ph * pw
+    return F.pad(bias, (0, pad, 0, pad)).contiguous()
 
 
 def _interpreter_bf16(t: torch.Tensor) -> bool:
@@ -221,15 +230,15 @@ def forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
+    n_pad = triton.cdiv(N, BLOCK_M) * BLOCK_M
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:4], torch.float32, q.device)
-    r, s_rh, s_ry, s_rx = _rpb_args(rpb, q)
     grid_ = (B * NP, NH * triton.cdiv(N, BLOCK_M))
     _pa_fwd[grid_](
-        q, k, v, o, lse, r, *_strides(q), *_strides(k), *_strides(v), s_rh, s_ry, s_rx,
+        q, k, v, o, lse, _bias_tile(rpb, ph, pw, n_pad, q), *_strides(q), *_strides(k), *_strides(v),
         NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
-        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q), N_PAD=n_pad,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **FWD_LAUNCH)
     return o, lse
 
 
@@ -242,7 +251,6 @@ def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O), [B, H, W, heads]
     one_block = N <= BLOCK_M
     dq = _alloc(q.shape, q.dtype, q.device) if one_block else \
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -253,15 +261,14 @@ def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
     BP = B * NP
     # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows
     parts = 1 if rpb is None or not one_block else max(1, min(32, BP * NH // 4096))
-    r, s_rh, s_ry, s_rx = _rpb_args(rpb, q)
     grid_ = (triton.cdiv(BP, parts), NH * triton.cdiv(N, BLOCK_N))
     _pa_bwd[grid_](
-        q, k, v, do, lse, delta, r, dq, dk, dv, dbias,
-        *_strides(q), *_strides(k), *_strides(v), s_rh, s_ry, s_rx,
+        q, k, v, out, do, lse, _bias_tile(rpb, ph, pw, n_pad, q), dq, dk, dv, dbias,
+        *_strides(q), *_strides(k), *_strides(v),
         BP, NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
         D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q),
         PARTS=parts, ONE_BLOCK=one_block, N_PAD=n_pad,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=1)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **BWD_LAUNCH)
     if rpb is None:
         drpb = q.new_empty(0)
     else:
@@ -271,11 +278,8 @@ def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
 
 def _bias_to_table(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     """Sum a [heads, N, N] logit gradient into the [heads, 2ph-1, 2pw-1] table by key − query offset."""
-    n = torch.arange(ph * pw, device=dbias.device)
-    i, j = n // pw, n % pw
-    idx = (i[None, :] - i[:, None] + ph - 1) * (2 * pw - 1) + (j[None, :] - j[:, None] + pw - 1)
     table = torch.zeros(dbias.shape[0], (2 * ph - 1) * (2 * pw - 1), dtype=dbias.dtype, device=dbias.device)
-    table.index_add_(1, idx.flatten(), dbias.flatten(1))
+    table.index_add_(1, relative_index(ph, pw, dbias.device), dbias.reshape(dbias.shape[0], -1))
     return table.view(-1, 2 * ph - 1, 2 * pw - 1)
 
 
