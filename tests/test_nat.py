@@ -257,3 +257,24 @@ def test_isotropic_any_size_and_features():
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 72, 200))
     assert [f.shape for f in feats] == [(1, 48, 5, 13)] * 3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=30, num_heads=4), "dim must be divisible by num_heads"),
+    (dict(dim=32, num_heads=4, kernel_size=4), "kernel_size must be an odd integer >= 3, got 4"),
+    (dict(dim=32, num_heads=4, dilation=0), "dilation must be >= 1, got 0"),
+])
+def test_block_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeighborhoodAttention2d(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stem="overlap"), "stem must be one of"),
+    (dict(downsample="pool"), "downsample must be one of"),
+    (dict(kernel_size=(7, 7)), r"kernel_size must be an int or have one entry per level \(4\)"),
+    (dict(dilations=[[1, 2, 1], [1, 2, 1, 2], [1] * 6]), r"dilations must list one dilation per block"),
+])
+def test_model_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("nat_nano", **kwargs)
