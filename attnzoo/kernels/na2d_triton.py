@@ -391,12 +391,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _geometry(q: torch.Tensor, dilation: tuple[int, int], tiles: Tiles):
+def _launch_args(q: torch.Tensor, dilation: tuple[int, int], kernel_size: tuple[int, int], tiles: Tiles | None):
+    """Tiles (defaulted), tile counts and the launch grid size over all (batch, head, residue, tile)."""
     B, H, W, N, D = q.shape
     dh, dw = dilation
     sub_h, sub_w = -(-H // dh), -(-W // dw)  # residue 0 has the longest sub-grid
+    tiles = tiles or _tiles(sub_h, sub_w, kernel_size, D)
     tiles_y, tiles_x = triton.cdiv(sub_h, tiles.BY), triton.cdiv(sub_w, tiles.BX)
-    return tiles_y, tiles_x, dh * dw * tiles_y * tiles_x
+    return tiles, tiles_y, tiles_x, dh * dw * tiles_y * tiles_x
 
 
 def _rpb_args(rpb: torch.Tensor | None, like: torch.Tensor):
@@ -406,68 +408,91 @@ def _rpb_args(rpb: torch.Tensor | None, like: torch.Tensor):
     return rpb, rpb.stride(0), rpb.stride(1)
 
 
+def _common(q: torch.Tensor, kernel_size: tuple[int, int]) -> dict:
+    return dict(KH=kernel_size[0], KW=kernel_size[1], BLOCK_D=max(16, _p2(q.shape[-1])),
+                DOT_PREC=_dot_precision(q.dtype))
+
+
 def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
-                 kernel_size: tuple[int, int], dilation: tuple[int, int], scale: float):
+                 kernel_size: tuple[int, int], dilation: tuple[int, int], scale: float, tiles: Tiles | None = None):
     """Fused forward on validated inputs: ``(out [B, H, W, heads, D] contiguous, lse [B, heads, H, W] fp32)``."""
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, W, N, D = q.shape
     out = torch.empty((B, H, W, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, N, H, W), dtype=torch.float32, device=q.device)
-    sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])
-    tiles = _tiles(sub_h, sub_w, kernel_size, D)
-    tiles_y, tiles_x, n_tiles = _geometry(q, dilation, tiles)
+    t, tiles_y, tiles_x, n_tiles = _launch_args(q, dilation, kernel_size, tiles)
     rpb_t, srn, sry = _rpb_args(rpb, q)
     _na2d_fwd_kernel[(B * N * n_tiles,)](
         q, k, v, rpb_t, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), srn, sry,
         H, W, N, D, dilation[0], dilation[1], tiles_y, tiles_x, scale * LOG2E,
-        KH=kernel_size[0], KW=kernel_size[1], BY=tiles.BY, BX=tiles.BX, KBY=tiles.KBY, KBX=tiles.KBX,
-        BLOCK_D=max(16, _p2(D)), HAS_RPB=rpb is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BY=t.BY, BX=t.BX, KBY=t.KBY, KBX=t.KBX, HAS_RPB=rpb is not None, **_common(q, kernel_size),
+        num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
 
-def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
-                  out: torch.Tensor, lse: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
-                  scale: float, rpb_grad: bool, deterministic: bool):
-    """Fused backward: ``(dq, dk, dv, drpb)``; drpb is an empty tensor unless ``rpb_grad``."""
-    q, k, v = _prep(q), _prep(k), _prep(v)
-    dout = dout.contiguous()
+def na2d_backward_dq(dout, q, k, v, rpb, lse, delta, kernel_size, dilation, scale, tiles: Tiles | None = None):
+    """dq (contiguous) from the saved lse and delta = rowsum(dO * O); inputs already prepared."""
     B, H, W, N, D = q.shape
-    delta = (dout.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # rowsum(dO * O), [B, N, H, W]
-    dq, dk, dv = (torch.empty((B, H, W, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])
+    dq = torch.empty((B, H, W, N, D), dtype=q.dtype, device=q.device)
+    t, tiles_y, tiles_x, n_tiles = _launch_args(q, dilation, kernel_size, tiles)
     rpb_t, srn, sry = _rpb_args(rpb, q)
-    common = dict(KH=kernel_size[0], KW=kernel_size[1], BLOCK_D=max(16, _p2(D)), DOT_PREC=_dot_precision(q.dtype))
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dq), srn, sry)
-
-    t = _tiles(sub_h, sub_w, kernel_size, D)
-    tiles_y, tiles_x, n_tiles = _geometry(q, dilation, t)
     _na2d_bwd_dq_kernel[(B * N * n_tiles,)](
-        q, k, v, rpb_t, dout, lse, delta, dq, *strides, H, W, N, D, dilation[0], dilation[1], tiles_y, tiles_x,
-        scale * LOG2E, scale, BY=t.BY, BX=t.BX, KBY=t.KBY, KBX=t.KBX, HAS_RPB=rpb is not None, **common,
+        q, k, v, rpb_t, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(dq), srn, sry,
+        H, W, N, D, dilation[0], dilation[1], tiles_y, tiles_x, scale * LOG2E, scale,
+        BY=t.BY, BX=t.BX, KBY=t.KBY, KBX=t.KBX, HAS_RPB=rpb is not None, **_common(q, kernel_size),
         num_warps=t.num_warps, num_stages=t.num_stages)
+    return dq
 
-    t = _tiles(sub_h, sub_w, kernel_size, D)
-    tiles_y, tiles_x, n_tiles = _geometry(q, dilation, t)
+
+def na2d_backward_dkdv(dout, q, k, v, rpb, lse, delta, kernel_size, dilation, scale, tiles: Tiles | None = None):
+    """(dk, dv), contiguous, one program per key tile over its inverse neighbourhood."""
+    B, H, W, N, D = q.shape
+    dk, dv = (torch.empty((B, H, W, N, D), dtype=q.dtype, device=q.device) for _ in range(2))
+    t, tiles_y, tiles_x, n_tiles = _launch_args(q, dilation, kernel_size, tiles)
+    rpb_t, srn, sry = _rpb_args(rpb, q)
     _na2d_bwd_dkdv_kernel[(B * N * n_tiles,)](
-        q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, N, D, dilation[0], dilation[1], tiles_y,
-        tiles_x, scale * LOG2E, scale, BY=t.BY, BX=t.BX, QBY=t.KBY, QBX=t.KBX, HAS_RPB=rpb is not None,
-        **common, num_warps=t.num_warps, num_stages=t.num_stages)
+        q, k, v, rpb_t, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(dk), srn, sry,
+        H, W, N, D, dilation[0], dilation[1], tiles_y, tiles_x, scale * LOG2E, scale,
+        BY=t.BY, BX=t.BX, QBY=t.KBY, QBX=t.KBX, HAS_RPB=rpb is not None, **_common(q, kernel_size),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return dk, dv
 
-    if not (rpb_grad and rpb is not None):
-        return dq, dk, dv, q.new_empty((0,))
-    t = _tiles(sub_h, sub_w, kernel_size, D)
-    tiles_y, tiles_x, n_tiles = _geometry(q, dilation, t)
+
+def na2d_backward_drpb(dout, q, k, v, rpb, lse, delta, kernel_size, dilation, scale, deterministic: bool,
+                       tiles: Tiles | None = None):
+    """d_rpb (float32, rpb's shape): batch-summed dS binned by offset; no float atomics if deterministic."""
+    B, H, W, N, D = q.shape
+    t, tiles_y, tiles_x, n_tiles = _launch_args(q, dilation, kernel_size, tiles)
+    sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])
     kblocks_y = triton.cdiv(min(t.BY + kernel_size[0] - 1, sub_h), t.KBY)  # key blocks per tile rectangle
     kblocks_x = triton.cdiv(min(t.BX + kernel_size[1] - 1, sub_w), t.KBX)
     grid = N * n_tiles * kblocks_y * kblocks_x
     bins = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
     drpb = torch.zeros((N, bins), dtype=torch.float32, device=q.device)
     partial = torch.empty((grid, bins) if deterministic else (0,), dtype=torch.float32, device=q.device)
+    rpb_t, srn, sry = _rpb_args(rpb, q)
     _na2d_bwd_drpb_kernel[(grid,)](
-        q, k, v, rpb_t, dout, lse, delta, drpb, partial, *strides, B, H, W, N, D, dilation[0], dilation[1],
-        tiles_y, tiles_x, kblocks_y, kblocks_x, scale * LOG2E, BY=t.BY, BX=t.BX, KBY=t.KBY, KBX=t.KBX,
-        BLOCK_A=_p2(2 * kernel_size[0] - 1), DETERMINISTIC=deterministic, **common, num_warps=t.num_warps, num_stages=t.num_stages)
+        q, k, v, rpb_t, dout, lse, delta, drpb, partial, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+        srn, sry, B, H, W, N, D, dilation[0], dilation[1], tiles_y, tiles_x, kblocks_y, kblocks_x, scale * LOG2E,
+        BY=t.BY, BX=t.BX, KBY=t.KBY, KBX=t.KBX, BLOCK_A=_p2(2 * kernel_size[0] - 1), DETERMINISTIC=deterministic,
+        **_common(q, kernel_size), num_warps=t.num_warps, num_stages=t.num_stages)
     if deterministic:
         drpb = partial.view(N, -1, bins).sum(1)
-    return dq, dk, dv, drpb.view_as(rpb).to(rpb.dtype)
+    return drpb.view(N, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
+
+
+def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
+                  out: torch.Tensor, lse: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                  scale: float, rpb_grad: bool, deterministic: bool, tiles: dict[str, Tiles] | None = None):
+    """Fused backward: ``(dq, dk, dv, drpb)``; drpb is an empty tensor unless ``rpb_grad``. ``tiles`` maps
+    "dq", "dkdv", "drpb" to tile shapes (benchmark tuning); missing kinds use the defaults."""
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    dout = dout.contiguous()
+    tiles = tiles or {}
+    delta = (dout.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # rowsum(dO * O), [B, N, H, W]
+    args = (dout, q, k, v, rpb, lse, delta, kernel_size, dilation, scale)
+    dq = na2d_backward_dq(*args, tiles=tiles.get("dq"))
+    dk, dv = na2d_backward_dkdv(*args, tiles=tiles.get("dkdv"))
+    if not (rpb_grad and rpb is not None):
+        return dq, dk, dv, q.new_empty((0,))
+    return dq, dk, dv, na2d_backward_drpb(*args, deterministic, tiles=tiles.get("drpb")).to(rpb.dtype)

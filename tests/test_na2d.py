@@ -1,0 +1,349 @@
+"""na2d: reference vs a brute-force NATTEN definition, Triton (interpreter or GPU) vs the reference,
+gradients, poisoned outputs, deterministic d_rpb, custom-op registration, and every input error."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from attnzoo.kernels import na2d
+from attnzoo.kernels.na2d_reference import na2d_reference
+from tests.helpers import REL_L2_TOL, TF32_REL_L2_TOL, assert_rel_l2
+
+
+# ------------------------------------------------------------------------------------------------
+# Brute-force definition: NATTEN <=0.17's own index functions (get_window_start / get_pb_start),
+# transcribed literally, applied as an explicit mask + bias over all H*W tokens in float64.
+# ------------------------------------------------------------------------------------------------
+def _natten_window_start(i: int, length: int, ks: int, d: int) -> int:
+    n = ks // 2
+    if d <= 1:
+        return max(i - n, 0) + (i + n >= length) * (length - i - n - 1)
+    if i - n * d < 0:
+        return i % d
+    if i + n * d >= length:
+        imodd, a = i % d, (length // d) * d
+        b = length - a
+        return length - b + imodd - 2 * n * d if imodd < b else a + imodd - ks * d
+    return i - n * d
+
+
+def _natten_pb_start(i: int, length: int, ks: int, d: int) -> int:
+    n = ks // 2
+    if d <= 1:
+        return n + (i < n) * (n - i) + (i + n >= length) * (length - i - 1 - n)
+    if i - n * d < 0:
+        return ks - 1 - i // d
+    if i + n * d >= length:
+        return (length - i - 1) // d
+    return n
+
+
+def brute_force(q, k, v, kernel_size, dilation, rpb, scale):
+    B, H, W, N, D = q.shape
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    L = H * W
+    logits = torch.einsum("bind,bjnd->bnij", q.double().reshape(B, L, N, D) * scale, k.double().reshape(B, L, N, D))
+    bias = torch.full((N, L, L), float("-inf"), dtype=torch.float64)
+    for y in range(H):
+        sy, py = _natten_window_start(y, H, kh, dh), _natten_pb_start(y, H, kh, dh)
+        for x in range(W):
+            sx, px = _natten_window_start(x, W, kw, dw), _natten_pb_start(x, W, kw, dw)
+            for a in range(kh):
+                for c in range(kw):
+                    j = (sy + a * dh) * W + sx + c * dw
+                    bias[:, y * W + x, j] = 0.0 if rpb is None else rpb[:, py + a, px + c].double()
+    attn = (logits + bias).softmax(-1)
+    return torch.einsum("bnij,bjnd->bind", attn, v.double().reshape(B, L, N, D)).reshape(B, H, W, N, D)
+
+
+def _inputs(B, H, W, N, D, kernel_size, dtype=torch.float32, device="cpu", with_rpb=True, requires_grad=False):
+    q, k, v = (torch.randn(B, H, W, N, D, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(3))
+    rpb = None
+    if with_rpb:
+        rpb = torch.randn(N, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1, dtype=dtype, device=device,
+                          requires_grad=requires_grad)
+    return q, k, v, rpb
+
+
+BRUTE_CASES = [  # (H, W, kernel_size, dilation, rpb)
+    (7, 7, (7, 7), (1, 1), True),
+    (9, 11, (3, 5), (2, 1), True),
+    (13, 7, (5, 3), (2, 2), True),
+    (10, 12, (3, 3), (3, 4), True),
+    (11, 9, (3, 3), (3, 2), False),
+    (8, 15, (5, 5), (1, 3), True),
+]
+
+
+@pytest.mark.parametrize("H,W,kernel_size,dilation,with_rpb", BRUTE_CASES)
+def test_reference_matches_brute_force(H, W, kernel_size, dilation, with_rpb):
+    q, k, v, rpb = _inputs(2, H, W, 3, 8, kernel_size, dtype=torch.float64, with_rpb=with_rpb)
+    out = na2d(q, k, v, kernel_size, dilation, rpb, backend="reference")
+    assert_rel_l2(out, brute_force(q, k, v, kernel_size, dilation, rpb, 8 ** -0.5), name="reference")
+
+
+def test_reference_chunking_and_scale():
+    q, k, v, rpb = _inputs(2, 12, 9, 2, 8, (5, 3), dtype=torch.float64)
+    whole = na2d_reference(q, k, v, (5, 3), (2, 3), rpb, 0.3)
+    chunked = na2d_reference(q, k, v, (5, 3), (2, 3), rpb, 0.3, chunk_elements=1)  # one query row per chunk
+    assert_rel_l2(chunked, whole, name="row-chunked reference")
+    assert_rel_l2(whole, brute_force(q, k, v, (5, 3), (2, 3), rpb, 0.3), name="reference with scale=0.3")
+
+
+def test_reference_gradcheck():
+    """Row-chunked and checkpointed (3 chunks), in float64; fast mode checks random Jacobian projections."""
+    q, k, v, rpb = _inputs(1, 7, 6, 2, 4, (3, 3), dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v, rpb: na2d_reference(q, k, v, (3, 3), (2, 1), rpb, 0.5, chunk_elements=900)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, rpb), fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton vs reference: >= 50 random shapes under the interpreter (or on the GPU), fp32 and fp16.
+# ------------------------------------------------------------------------------------------------
+def _random_cases(n: int, seed: int):
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < n:
+        kh, kw = rng.choice([3, 5, 7]), rng.choice([3, 5])
+        dh, dw = rng.choice([1, 1, 2, 3]), rng.choice([1, 2])
+        H, W = kh * dh + rng.randint(0, 4), kw * dw + rng.randint(0, 4)
+        if H * W > 160:
+            continue
+        cases.append(dict(B=rng.choice([1, 2]), H=H, W=W, N=rng.choice([1, 2]), D=rng.choice([8, 16, 24, 32]),
+                          kernel_size=(kh, kw), dilation=(dh, dw), with_rpb=rng.random() < 0.5,
+                          dtype=rng.choice([torch.float32, torch.float16])))
+    return cases
+
+
+def _check_triton_vs_reference(case: dict, device: str, check_grads: bool = True) -> None:
+    c = dict(case)
+    dtype, ks, dil = c.pop("dtype"), c["kernel_size"], c["dilation"]
+    q, k, v, rpb = _inputs(c["B"], c["H"], c["W"], c["N"], c["D"], ks, dtype=dtype, device=device,
+                           with_rpb=c["with_rpb"], requires_grad=True)
+    leaves = [q, k, v] + ([rpb] if rpb is not None else [])
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    ref = na2d(*ref_leaves[:3], ks, dil, ref_leaves[3] if rpb is not None else None, backend="reference")
+    out = na2d(q, k, v, ks, dil, rpb, backend="triton")
+    tol = TF32_REL_L2_TOL if (dtype == torch.float32 and device == "cuda") else REL_L2_TOL[dtype]
+    assert out.dtype == dtype
+    assert_rel_l2(out, ref, tol, name=f"out {case}")
+    if not check_grads:
+        return
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.cpu().double())
+    for name, g, rg in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
+        # rpb's gradient sums B*H*W terms of both signs: allow the reduction's extra fp16 rounding.
+        assert_rel_l2(g, rg, tol * (4 if name == "drpb" else 2), name=f"{name} {case}")
+
+
+RANDOM_CASES = _random_cases(52, seed=2024)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("case", RANDOM_CASES, ids=[f"c{i}" for i in range(len(RANDOM_CASES))])
+def test_triton_matches_reference_random(case):
+    _check_triton_vs_reference(case, "cpu")
+
+
+@pytest.mark.triton_interpret
+def test_triton_strided_inputs_and_fp32_rpb_with_fp16():
+    """q/k/v as views of a packed qkv tensor (no copies) and an fp32 rpb beside fp16 activations."""
+    B, H, W, N, D, ks = 1, 9, 10, 2, 16, (3, 5)
+    qkv = torch.randn(B, H, W, 3, N, D, dtype=torch.float16)
+    q, k, v = qkv.unbind(3)
+    rpb = torch.randn(N, 5, 9)
+    out = na2d(q, k, v, ks, (2, 1), rpb, backend="triton")
+    ref = na2d(q.double(), k.double(), v.double(), ks, (2, 1), rpb.double(), backend="reference")
+    assert_rel_l2(out, ref, REL_L2_TOL[torch.float16])
+
+
+@pytest.mark.triton_interpret
+def test_triton_writes_every_output_element(monkeypatch):
+    """Every buffer the op allocates with torch.empty starts as NaN; nothing may survive in the results."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    q, k, v, rpb = _inputs(2, 11, 9, 2, 24, (5, 3), with_rpb=True, requires_grad=True)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    out = na2d(q, k, v, (5, 3), (2, 3), rpb, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v, rpb), torch.randn_like(out))
+    monkeypatch.undo()
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    ref = na2d(q.double(), k.double(), v.double(), (5, 3), (2, 3), rpb.double(), backend="reference")
+    assert_rel_l2(out, ref)
+
+
+@pytest.mark.triton_interpret
+def test_triton_deterministic_rpb_grad():
+    q, k, v, rpb = _inputs(2, 9, 8, 2, 16, (3, 3), with_rpb=True, requires_grad=True)
+    dout = torch.randn(2, 9, 8, 2, 16)
+
+    def drpb(**kw):
+        out = na2d(q, k, v, 3, (2, 1), rpb, backend="triton", **kw)
+        return torch.autograd.grad(out, rpb, dout)[0]
+
+    first, second = drpb(deterministic=True), drpb(deterministic=True)
+    assert torch.equal(first, second)
+    assert_rel_l2(drpb(deterministic=False), first)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    ref = na2d(*ref_leaves[:3], 3, (2, 1), ref_leaves[3], backend="reference")
+    assert_rel_l2(first, torch.autograd.grad(ref, ref_leaves[3], dout.double())[0])
+
+
+@pytest.mark.triton_interpret
+def test_deterministic_follows_torch_setting(monkeypatch):
+    from attnzoo.kernels import na2d_triton
+
+    seen = []
+    real = na2d_triton.na2d_backward
+    monkeypatch.setattr(na2d_triton, "na2d_backward", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v, rpb = _inputs(1, 7, 7, 1, 8, (3, 3), with_rpb=True, requires_grad=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (True, False):
+            torch.use_deterministic_algorithms(flag)
+            na2d(q, k, v, 3, 2, rpb, backend="triton").sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen == [True, False]
+
+
+@pytest.mark.triton_interpret
+def test_custom_op_registration():
+    """Schema, fake kernel and autograd registration agree with the real kernel."""
+    q, k, v, rpb = _inputs(1, 7, 9, 2, 8, (3, 3), with_rpb=True, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnzoo.na2d_fwd.default, (q, k, v, rpb, [3, 3], [2, 1], 0.3, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.triton_interpret
+def test_compile_fullgraph_triton_interpreter():
+    """No graph break around the custom op: fullgraph tracing through aot_eager, forward and backward."""
+    q, k, v, rpb = _inputs(1, 7, 9, 2, 8, (3, 3), with_rpb=True, requires_grad=True)
+    fn = torch.compile(lambda q, k, v, rpb: na2d(q, k, v, 3, (2, 1), rpb, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v, rpb)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, rpb))
+    ref_out = na2d(q, k, v, 3, (2, 1), rpb, backend="triton")
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v, rpb))
+    assert_rel_l2(out, ref_out)
+    for g, rg in zip(grads, ref_grads):
+        assert_rel_l2(g, rg)
+
+
+def test_compile_fullgraph_reference():
+    q, k, v, rpb = _inputs(2, 9, 8, 2, 8, (3, 3), with_rpb=True, requires_grad=True)
+    fn = torch.compile(lambda q, k, v, rpb: na2d(q, k, v, 3, (2, 1), rpb, backend="reference"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v, rpb)
+    assert_rel_l2(out, na2d(q, k, v, 3, (2, 1), rpb, backend="reference"))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, rpb))
+
+
+def test_flex_matches_reference_forward():
+    """FlexAttention on CPU has no backward, so only the forward is compared here (GPU test does both)."""
+    q, k, v, rpb = _inputs(2, 9, 11, 2, 8, (3, 5), with_rpb=True)
+    out = na2d(q, k, v, (3, 5), (2, 1), rpb, backend="flex")
+    ref = na2d(q.double(), k.double(), v.double(), (3, 5), (2, 1), rpb.double(), backend="reference")
+    assert_rel_l2(out, ref)
+
+
+def test_auto_on_cpu_is_reference():
+    q, k, v, rpb = _inputs(1, 7, 7, 1, 8, (3, 3))
+    assert torch.equal(na2d(q, k, v, 3, 1, rpb), na2d(q, k, v, 3, 1, rpb, backend="reference"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors name the argument and the expected value.
+# ------------------------------------------------------------------------------------------------
+def _qkv(shape=(1, 9, 9, 2, 8), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda q, k, v: na2d(q, k, v, 4), ValueError, r"kernel_size must be odd and >= 3.*\(4, 4\)"),
+    (lambda q, k, v: na2d(q, k, v, 1), ValueError, r"kernel_size must be odd and >= 3"),
+    (lambda q, k, v: na2d(q, k, v, (3, 3, 3)), TypeError, r"kernel_size must be an int or a \(height, width\)"),
+    (lambda q, k, v: na2d(q, k, v, 3, 0), ValueError, r"dilation must be >= 1"),
+    (lambda q, k, v: na2d(q, k, v, 5, 2), ValueError, r"height 9 is smaller than kernel_size \* dilation = 5 \* 2 = 10"),
+    (lambda q, k, v: na2d(q, k, v, (3, 5), (1, 2)), ValueError, r"width 9 .* expected width >= 10"),
+    (lambda q, k, v: na2d(q[0], k, v, 3), ValueError, r"q must be \[B, H, W, heads, head_dim\]"),
+    (lambda q, k, v: na2d(q, k[:, :8], v, 3), ValueError, r"k must have q's shape"),
+    (lambda q, k, v: na2d(q, k, v.half(), 3), TypeError, r"v must have q's dtype torch.float32, got torch.float16"),
+    (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(2, 3, 3)), ValueError,
+     r"rpb must have shape \[heads, 2\*kh-1, 2\*kw-1\] = \[2, 5, 5\], got \(2, 3, 3\)"),
+    (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(2, 5, 5, dtype=torch.float16)), TypeError,
+     r"rpb must have q's dtype"),
+    (lambda q, k, v: na2d(q, k, v, 3, backend="cuda"), ValueError, r"backend must be one of"),
+    (lambda q, k, v: na2d(q.long(), k, v, 3), TypeError, r"q must be a floating-point tensor"),
+])
+def test_input_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(*_qkv())
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("shape,dtype,match", [
+    ((1, 9, 9, 2, 12), torch.float32, r"head_dim in 8\.\.128 in multiples of 8, got 12; use backend='reference'"),
+    ((1, 9, 9, 2, 136), torch.float32, r"head_dim in 8\.\.128 .* got 136"),
+    ((1, 9, 9, 2, 8), torch.float64, r"dtypes float16, bfloat16 and float32, got torch.float64; use backend='ref"),
+])
+def test_triton_input_errors(shape, dtype, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        na2d(*_qkv(shape, dtype), 3, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16/fp16/fp32 on real shapes, against a float64 reference (`make test-gpu`).
+# ------------------------------------------------------------------------------------------------
+GPU_CASES = [
+    dict(B=2, H=56, W=56, N=2, D=32, kernel_size=(7, 7), dilation=(1, 1), with_rpb=True),
+    dict(B=2, H=56, W=56, N=2, D=32, kernel_size=(7, 7), dilation=(8, 8), with_rpb=True),
+    dict(B=2, H=28, W=28, N=4, D=32, kernel_size=(7, 7), dilation=(4, 4), with_rpb=True),
+    dict(B=4, H=7, W=7, N=16, D=32, kernel_size=(7, 7), dilation=(1, 1), with_rpb=True),
+    dict(B=1, H=45, W=61, N=3, D=64, kernel_size=(13, 13), dilation=(1, 2), with_rpb=True),
+    dict(B=1, H=33, W=35, N=2, D=128, kernel_size=(5, 9), dilation=(3, 2), with_rpb=False),
+    dict(B=2, H=30, W=19, N=2, D=8, kernel_size=(3, 5), dilation=(5, 2), with_rpb=True),
+    dict(B=1, H=40, W=40, N=2, D=96, kernel_size=(11, 7), dilation=(1, 1), with_rpb=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"g{i}" for i in range(len(GPU_CASES))])
+def test_gpu_triton_matches_reference(case, dtype):
+    _check_triton_vs_reference(dict(case, dtype=dtype), "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_compile():
+    q, k, v, rpb = _inputs(8, 56, 56, 2, 32, (7, 7), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn_like(q)
+
+    def drpb():
+        return torch.autograd.grad(na2d(q, k, v, 7, 2, rpb, deterministic=True), rpb, dout)[0]
+
+    assert torch.equal(drpb(), drpb())
+    fn = torch.compile(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), fullgraph=True)
+    assert_rel_l2(fn(q, k, v, rpb), na2d(q, k, v, 7, 2, rpb), 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_flex_matches_reference():
+    case = dict(B=1, H=20, W=24, N=2, D=32, kernel_size=(5, 7), dilation=(2, 3))
+    q, k, v, rpb = _inputs(case["B"], case["H"], case["W"], case["N"], case["D"], case["kernel_size"],
+                           device="cuda", requires_grad=True)
+    out = na2d(q, k, v, case["kernel_size"], case["dilation"], rpb, backend="flex")
+    ref = na2d(q, k, v, case["kernel_size"], case["dilation"], rpb, backend="reference")
+    assert_rel_l2(out, ref, TF32_REL_L2_TOL)
+    dout = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v, rpb), dout), torch.autograd.grad(ref, (q, k, v, rpb), dout)):
+        assert_rel_l2(g, rg, TF32_REL_L2_TOL)
