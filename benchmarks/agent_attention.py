@@ -61,31 +61,31 @@ def bench_block(rep: Report, device: torch.device, dtype: torch.dtype, sizes: li
 
 
 def bench_models(rep: Report, device: torch.device, dtype: torch.dtype, sizes: list[int], batch224: int) -> None:
-    models = {
-        "agent_swin_t (fused)": lambda: timm.create_model("agent_swin_t"),
-        "agent_swin_t (official path)": lambda: _official_path(timm.create_model("agent_swin_t")),
-        "swin_tiny_patch4_window7_224": lambda: timm.create_model("swin_tiny_patch4_window7_224", strict_img_size=False),
-        "vit_small_patch16_224": lambda: timm.create_model("vit_small_patch16_224", dynamic_img_size=True),
+    models = {  # each built for the benchmarked input size
+        "agent_swin_t (fused)": lambda img: timm.create_model("agent_swin_t", img_size=img),
+        "agent_swin_t (official path)": lambda img: _official_path(timm.create_model("agent_swin_t", img_size=img)),
+        "swin_tiny_patch4_window7_224": lambda img: timm.create_model("swin_tiny_patch4_window7_224", img_size=img),
+        "vit_small_patch16_224": lambda img: timm.create_model("vit_small_patch16_224", img_size=img),
     }
     for name, build in models.items():
-        model = build().to(device)
         for img in sizes:
+            model = build(img).to(device)
             batch = max(1, batch224 * 224 * 224 // (img * img))  # same pixels per step
             x = torch.randn(batch, 3, img, img, device=device)
             for train in (False, True):
                 model.train(train)
                 fn = _step(model, x, train, dtype)
+                row = dict(kind="model", case=name, img=img, batch=batch, mode="train" if train else "infer")
                 try:
                     ms, mib = time_ms(fn, warmup=5, rep=20), peak_memory_mib(fn)
                 except torch.OutOfMemoryError:
-                    rep.add(kind="model", case=name, img=img, batch=batch, mode="train" if train else "infer",
-                            ms="OOM")
+                    rep.add(**row, ms="OOM")
                     torch.cuda.empty_cache()
                     continue
                 mpix = batch * img * img / 1e6
-                rep.add(kind="model", case=name, img=img, batch=batch, mode="train" if train else "infer", ms=ms,
-                        img_per_s=batch / ms * 1e3, peak_mib=mib, mib_per_mpix=None if mib is None else mib / mpix)
-        del model
+                rep.add(**row, ms=ms, img_per_s=batch / ms * 1e3, peak_mib=mib,
+                        mib_per_mpix=None if mib is None else mib / mpix)
+            del model
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ def official_agent_attention(m: AgentAttention, x: torch.Tensor, H: int, W: int)
             src = F.layer_norm(src.reshape(b, c, -1).permute(0, 2, 1), (c,), m.norm.weight.double(),
                                m.norm.bias.double(), m.norm.eps)
         k, v = _lin(m.kv, src).reshape(b, -1, 2, c).permute(2, 0, 1, 3)
-    agents = F.adaptive_avg_pool2d(q[:, P:].reshape(b, H, W, c).permute(0, 3, 1, 2), ag).reshape(b, c, -1).permute(0, 2, 1)
+    agents = F.adaptive_avg_pool2d(q[:, P:].reshape(b, H, W, c).permute(0, 3, 1, 2), ag)
+    agents = agents.reshape(b, c, -1).permute(0, 2, 1)
     split = lambda t: t.reshape(b, t.shape[1], h, d).permute(0, 2, 1, 3)  # noqa: E731
     q, k, v, agents = split(q), split(k), split(v), split(agents)
 
@@ -62,7 +63,8 @@ def official_agent_attention(m: AgentAttention, x: torch.Tensor, H: int, W: int)
         return _bilinear(t, ag).reshape(h, hw, A).permute(0, 2, 1)
 
     pb = to_agents(_bilinear(m.an_bias.double(), (Hk, Wk)).reshape(h, -1, Hk * Wk), Hk * Wk)
-    pb = pb + to_agents(_bilinear((m.ah_bias + m.aw_bias).double().squeeze(0), (Hk, Wk)).reshape(h, -1, Hk * Wk), Hk * Wk)
+    ah_aw = _bilinear((m.ah_bias + m.aw_bias).double().squeeze(0), (Hk, Wk))
+    pb = pb + to_agents(ah_aw.reshape(h, -1, Hk * Wk), Hk * Wk)
     ab = to_agents(_bilinear(m.na_bias.double(), (H, W)).reshape(h, -1, H * W), H * W).permute(0, 2, 1)
     ha_wa = (m.ha_bias + m.wa_bias).double().squeeze(0).permute(0, 3, 1, 2)
     ab = ab + to_agents(_bilinear(ha_wa, (H, W)).reshape(h, -1, H * W), H * W).permute(0, 2, 1)
@@ -196,11 +198,14 @@ def test_checkpoint_mismatch_is_reported(name, fixture_dir, tmp_path):
     with pytest.raises(RuntimeError) as err:
         create_from_official(name, tmp_path / "bad.pth")
     assert "ha_bias" in str(err.value) and "extra.weight" in str(err.value)
-    sd = official_state_dict(fx)
+
+
+def test_checkpoint_shape_mismatch_is_reported(tmp_path):
+    sd = official_state_dict(load_fixture("agent", "agent_pvt_t"))
     sd["head.weight"] = sd["head.weight"][:10]  # a 10-class head into a 1000-class model
     torch.save({"model": sd}, tmp_path / "shape.pth")
     with pytest.raises(RuntimeError, match="size mismatch for head.weight"):
-        create_from_official(name, tmp_path / "shape.pth")
+        create_from_official("agent_pvt_t", tmp_path / "shape.pth")
 
 
 @pytest.mark.parametrize("name", SWIN + PVT + DEIT)

@@ -112,7 +112,8 @@ class AgentPvt(nn.Module):
         super().__init__()
         n = len(depths)
         if set(attn_type) != {"A"} or len(attn_type) != n:
-            raise ValueError(f"AgentPvt: attn_type must be {'A' * n!r} (agent attention in every stage), got {attn_type!r}")
+            raise ValueError(f"AgentPvt: attn_type must be {'A' * n!r} (agent attention in every stage), "
+                             f"got {attn_type!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"AgentPvt: global_pool must be 'avg' or '', got {global_pool!r}")
         agent_num = [int(a) for a in agent_num]

@@ -42,7 +42,8 @@ def block_types(attn_type: str, depths: tuple[int, ...]) -> list[str]:
     blocks agent and the rest window, with ``n`` the digits after the per-stage letters (``AAMB2``)."""
     n = len(depths)
     letters, suffix = attn_type[:n], attn_type[n:]
-    if len(letters) != n or set(letters) - set("ABM") or ("M" in letters) != bool(suffix) or not (suffix or "0").isdigit():
+    bad_suffix = ("M" in letters) != bool(suffix) or not (suffix or "0").isdigit()
+    if len(letters) != n or set(letters) - set("ABM") or bad_suffix:
         raise ValueError(f"AgentSwinTransformer: attn_type must be {n} letters from A/B/M (M followed by the number "
                          f"of leading agent blocks, e.g. 'AAMB2'), got {attn_type!r}")
     return ["".join(("A" if j < int(suffix) else "B") if c == "M" else c for j in range(d))

@@ -58,7 +58,8 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
     if agent_key_bias.shape != (h, A, Nk):
         raise ValueError(f"agent_attention: agent_key_bias must be [{h}, {A}, {Nk}], got {tuple(agent_key_bias.shape)}")
     if query_agent_bias.shape != (h, N, A):
-        raise ValueError(f"agent_attention: query_agent_bias must be [{h}, {N}, {A}], got {tuple(query_agent_bias.shape)}")
+        raise ValueError(f"agent_attention: query_agent_bias must be [{h}, {N}, {A}], "
+                         f"got {tuple(query_agent_bias.shape)}")
     if backend == "reference":
         scale = q.shape[-1] ** -0.5
         attn = ((agents * scale) @ k.transpose(-2, -1) + agent_key_bias).softmax(-1)
