@@ -320,9 +320,16 @@ def test_triton_backend_matches_reference():
 
 
 def test_compile_fullgraph_reference_path():
-    model = _small_model(num_classes=4).eval()
+    """Dynamo captures the whole model (padding, routing, attention) as one graph, forward and backward."""
+    model = _small_model(num_classes=4)
     set_attention_backend(model, "reference")
-    x = torch.randn(1, 3, 44, 52)
+    x = torch.randn(2, 3, 44, 52)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        assert_rel_l2(compiled(x), model(x))
+    out = compiled(x)
+    out.square().sum().backward()
+    grad = model.stages[0][0].attn.qkv.qkv.weight.grad.clone()
+    model.zero_grad()
+    ref = model(x)
+    ref.square().sum().backward()
+    assert_rel_l2(out, ref)
+    assert_rel_l2(grad, model.stages[0][0].attn.qkv.qkv.weight.grad)
