@@ -7,6 +7,7 @@ weights) load through the family's converter: ``init_cfg=dict(type="Pretrained",
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import timm
@@ -78,22 +79,32 @@ class AttnZooBackbone(BaseModule):
             return
         self.load_classification_checkpoint(cfg["checkpoint"])
 
-    def load_classification_checkpoint(self, path: str) -> dict[str, list[str]]:
-        """Load ``path`` via timm's pretrained path (strict, with the family's ``checkpoint_filter_fn``).
+    def load_classification_checkpoint(self, checkpoint: str) -> dict[str, list[str]]:
+        """Load a classification checkpoint through timm's pretrained path (strict, with the family's
+        ``checkpoint_filter_fn``).
 
-        Returns the keys that were not used (the classifier and whatever the pruning removed) and the
-        keys this backbone has that the checkpoint cannot provide (the dense output norms). Any other
-        mismatch is an error.
+        ``checkpoint`` is a local file, an ``http(s)://`` URL (downloaded to torch's hub cache) or
+        ``hf-hub:ORG/NAME``. Knobs in ``KERNEL_PADDED_KWARGS`` change conv kernel sizes, so the classifier
+        is built without them and its kernels are centred in the larger dense kernels with zeros around
+        (the official FocalNet detection loader's rule). Returns the checkpoint keys left unused (the
+        classifier and whatever the pruning removed) and the backbone keys the checkpoint cannot provide
+        (the dense output norms); any other mismatch is an error.
         """
-        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                 **self.model_kwargs)
-        result = self.model.load_state_dict(full.state_dict(), strict=False)
+        cls_kwargs = {k: v for k, v in self.model_kwargs.items() if k not in KERNEL_PADDED_KWARGS}
+        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=_source(checkpoint),
+                                 **cls_kwargs)
+        src = full.state_dict()
+        dst = self.model.state_dict()
+        for key, value in src.items():
+            if key in dst and value.shape != dst[key].shape:
+                src[key] = _center_kernel(key, value, dst[key].shape)
+        result = self.model.load_state_dict(src, strict=False)
         if result.missing_keys:
-            raise RuntimeError(f"checkpoint {path} lacks backbone keys: {result.missing_keys}")
+            raise RuntimeError(f"checkpoint {checkpoint} lacks backbone keys: {result.missing_keys}")
         report = dict(unused=list(result.unexpected_keys),
                       not_in_checkpoint=[f"norms.{k}" for k in self.norms.state_dict()])
         MMLogger.get_current_instance().info(
-            f"{self.model_name}: loaded {path}; unused (pruned head/norm): {report['unused']}; "
+            f"{self.model_name}: loaded {checkpoint}; unused (pruned head/norm): {report['unused']}; "
             f"initialised here: {report['not_in_checkpoint']}")
         return report
 
@@ -131,3 +142,33 @@ class AttnZooBackbone(BaseModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+
+# Dense-mode knobs that enlarge conv kernels (FocalNet's detection focal windows 9 vs 3 in ImageNet training).
+KERNEL_PADDED_KWARGS = frozenset({"focal_windows"})
+
+
+def _source(checkpoint: str) -> dict[str, Any]:
+    """``pretrained_cfg_overlay`` that makes timm read ``checkpoint`` (file, URL or ``hf-hub:``) and nothing else."""
+    checkpoint = str(checkpoint)
+    if checkpoint.startswith("hf-hub:"):
+        return dict(hf_hub_id=checkpoint[len("hf-hub:"):], file=None, url=None)
+    if checkpoint.startswith(("http://", "https://")):
+        return dict(url=checkpoint, hf_hub_id=None, file=None)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"init_cfg.checkpoint: no such file {checkpoint!r} (expected a path, an http(s) URL "
+                                "or hf-hub:ORG/NAME)")
+    return dict(file=checkpoint, hf_hub_id=None, url=None)
+
+
+def _center_kernel(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Place a smaller odd conv kernel in the centre of a zero kernel of ``shape``; any other mismatch raises."""
+    grows = (value.ndim == 4 and len(shape) == 4 and value.shape[:2] == shape[:2]
+             and all(s >= v and (s - v) % 2 == 0 for v, s in zip(value.shape[2:], shape[2:])))
+    if not grows:
+        raise RuntimeError(f"checkpoint key {key}: shape {tuple(value.shape)} does not fit the backbone's "
+                           f"{tuple(shape)}")
+    out = value.new_zeros(shape)
+    ph, pw = (shape[2] - value.shape[2]) // 2, (shape[3] - value.shape[3]) // 2
+    out[:, :, ph:ph + value.shape[2], pw:pw + value.shape[3]] = value
+    return out

@@ -1,0 +1,10 @@
+# biformer_tiny (biformer-tiny). Knobs from rayleizhu/BiFormer object_detection/configs/coco/maskrcnn.1x.biformer_small.py, semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
+_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
+
+model = dict(
+    backbone=dict(
+        model_name='biformer_tiny',
+        drop_path_rate=0.1,
+        model_kwargs={'n_win': 16, 'topks': [1, 4, 16, -2]},
+        init_cfg=dict(type='Pretrained', checkpoint='https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content')),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,11 @@
+# focalnet_t_lrf (focalnet-tiny). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9, levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
+_base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
+
+model = dict(
+    backbone=dict(
+        model_name='focalnet_t_lrf',
+        drop_path_rate=0.3,
+        model_kwargs={'focal_windows': [9, 9, 9, 9]},
+        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/microsoft/FocalNet/releases/download/v1.0.0/focalnet_tiny_lrf.pth')),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))
