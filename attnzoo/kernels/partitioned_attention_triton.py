@@ -68,8 +68,10 @@ def _row_mask(valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """[rows, BLOCK_D] load/store mask; without head-dim padding it stays constant along D, so the
     accesses vectorise."""
     if D == BLOCK_D:
-        return valid[:, None]
-    return valid[:, None] & (offs_d[None, :] < D)
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (offs_d[None, :] < D)
+    return mask
 
 
 @triton.jit
