@@ -4,3 +4,4 @@
 """
 from attnzoo.kernels.bra import bra, routed_attention  # noqa: E402,F401
 from attnzoo.kernels.na2d import na2d
+from attnzoo.kernels.partitioned_attention import partitioned_attention  # noqa: F401
