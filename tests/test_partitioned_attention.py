@@ -266,3 +266,16 @@ def test_triton_kernels_compile_for_hopper():
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_swin_table_conversion_documented_in_block():
+    """The Swin-table mapping in PartitionAttention2d's docstring reproduces timm's Swin bias exactly."""
+    from timm.models.swin_transformer import get_relative_position_index
+
+    from attnzoo.kernels.partitioned_attention_reference import rpb_bias
+
+    ph, pw, heads = 3, 5, 2
+    table = torch.randn((2 * ph - 1) * (2 * pw - 1), heads, dtype=torch.float64)
+    swin = table[get_relative_position_index(ph, pw).view(-1)].view(ph * pw, ph * pw, heads).permute(2, 0, 1)
+    ours = rpb_bias(table.T.reshape(heads, 2 * ph - 1, 2 * pw - 1).flip(1, 2), (ph, pw))
+    assert torch.equal(ours, swin)
