@@ -28,6 +28,18 @@ def region_reverse(x: torch.Tensor, n_win: int, H: int, W: int) -> torch.Tensor:
     return x.reshape(B, H, W, nh, D)
 
 
+def _region_means(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """Means of ``x`` over each region on the flattened ``heads * D`` channels: ``[B, R, heads * D]``.
+
+    Two contiguous reductions (rows, then columns) accumulated in at least float32, with no upcast copy.
+    """
+    B, H, W = x.shape[:3]
+    rh, rw = H // n_win, W // n_win
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = x.reshape(B, n_win, rh, W, -1).sum(2, dtype=acc)  # [B, n_win, W, C]
+    return rows.reshape(B, n_win * n_win, rw, -1).sum(2) / (rh * rw)
+
+
 @torch.no_grad()
 def route_regions(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, routing_scale: float) -> torch.Tensor:
     """Top-``topk`` key regions per query region, shared by all heads: ``[B, R, topk]`` int64.
@@ -37,10 +49,7 @@ def route_regions(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, routi
     regions, so the index is sorted by decreasing affinity. Computed in at least float32 so that every
     backend routes identically; no gradient flows through routing.
     """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    B, H, W = q.shape[:3]
-    q_r, k_r = (x.reshape(B, n_win, H // n_win, n_win, W // n_win, -1).mean(dim=(2, 4), dtype=acc).flatten(1, 2)
-                for x in (q, k))  # [B, R, heads * D], accumulated in `acc` without an upcast copy
+    q_r, k_r = _region_means(q, n_win), _region_means(k, n_win)  # [B, R, heads * D]
     affinity = (q_r * routing_scale) @ k_r.transpose(1, 2)  # [B, R, R]
     return torch.topk(affinity, k=topk, dim=-1).indices
 

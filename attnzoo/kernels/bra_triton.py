@@ -257,13 +257,15 @@ def _precision(dtype: torch.dtype) -> str:
 def kernel_config(kernel: str, T: int, D: int, Dv: int) -> dict:
     """Launch parameters of ``kernel`` ("fwd", "dq", "dkdv") for regions of ``T`` tokens.
 
-    The walked side (keys for fwd/dq, queries for dkdv) is flattened across regions, so its block is
-    filled even for 2x2 regions; the owned side covers one region's tokens, at least 16 rows for tl.dot.
+    The owned side (queries for fwd/dq, keys for dkdv) covers up to 64 of one region's tokens, at least
+    16 rows for tl.dot; the walked side is flattened across routed regions, so its block is full even for
+    2x2 regions. Small tiles are latency-bound, so they get 2 warps (more programs resident per SM).
+    Chosen from the sweep in benchmarks/NOTES_bra.md.
     """
-    owned = min(64 if kernel == "fwd" else 32, max(16, triton.next_power_of_2(T)))
-    walked = 64
+    owned = min(64, max(16, triton.next_power_of_2(T)))
+    walked = 64 if kernel == "fwd" or T >= 64 else 32
     config = dict(BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-                  num_warps=4, num_stages=2)
+                  num_warps=4 if owned >= 64 else 2, num_stages=2)
     if kernel == "dkdv":
         return dict(config, BLOCK_M=walked, BLOCK_N=owned)
     return dict(config, BLOCK_M=owned, BLOCK_N=walked)
