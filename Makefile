@@ -21,7 +21,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(PY) tools/smoke.py
+	@# Fashion-MNIST offline from Debian's dataset-fashion-mnist (MIT); without apt, torchvision downloads it.
+	@if [ ! -f data/FashionMNIST/raw/train-images-idx3-ubyte ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 \
+	    && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist (apt)"; SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
+	    || echo "apt-get failed: torchvision's downloader will fetch Fashion-MNIST instead"; fi
+	$(PY) tools/train.py --config configs/demo/fashion_mnist.yaml --dataset-download
+	$(PY) tools/validate.py --dataset torch/fashion_mnist --data-dir data --checkpoint output/demo/last.pth.tar
 
 test: venv
 	$(PY) -m pytest -n 2 --durations=15 tests
