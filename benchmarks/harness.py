@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -29,7 +30,7 @@ def environment() -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": " ".join(shlex.quote(_portable(a)) for a in sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
@@ -48,6 +49,14 @@ def environment() -> dict[str, Any]:
     else:
         env.update(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     return env
+
+
+def _portable(arg: str) -> str:
+    """A command-line word without this machine's absolute paths (relative to the working directory)."""
+    if not os.path.isabs(arg):
+        return arg
+    rel = os.path.relpath(arg)
+    return rel if not rel.startswith("..") else os.path.join("...", os.path.basename(arg))
 
 
 def time_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
