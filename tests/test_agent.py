@@ -177,7 +177,8 @@ def test_block_types_follow_official_strings():
 
 # ---------------------------------------------------------------- models
 
-@pytest.mark.parametrize("name,fixture_dir", [("agent_swin_t", "agent_swin_t"), ("agent_pvt_t", "agent_pvt_t")])
+@pytest.mark.parametrize("name,fixture_dir", [("agent_swin_t", "agent_swin_t"), ("agent_pvt_t", "agent_pvt_t"),
+                                               ("agent_deit_t", "agent_deit_t")])
 def test_official_checkpoint_parity(name, fixture_dir, tmp_path):
     fx = load_fixture("agent", fixture_dir)
     ckpt = save_official_checkpoint(fx, tmp_path / "official.pth", wrap=lambda sd: {"model": sd})
