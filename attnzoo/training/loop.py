@@ -342,7 +342,8 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
                          f"({train_m['img_per_s']:.0f} img/s, {train_m['time_s']:.0f} s) | eval loss "
                          f"{eval_m['loss']:.4f} top-1 {eval_m['top1']:.2f}% top-5 {eval_m['top5']:.2f}%"
                          + (f" | EMA top-1 {eval_m['ema_top1']:.2f}%" if model_ema is not None else ""))
-            update_summary(epoch + 1, train_m, eval_m, csv_path, lr=lr)
+            update_summary(epoch + 1, train_m, eval_m, csv_path, lr=lr,  # header decided here: older timm never writes one
+                           write_header=not csv_path.exists() or csv_path.stat().st_size == 0)
             if not args.no_plot:
                 plot_curves(csv_path, png_path, title=f"{args.model} on {args.dataset or args.data_dir}")
             if writer is not None:
