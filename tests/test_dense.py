@@ -47,7 +47,7 @@ def _build(cfg: "Config", shallow: bool = False) -> torch.nn.Module:
     """Build ``cfg.model`` without loading weights; ``shallow`` keeps one block per level (fast CPU steps)."""
     model_cfg = cfg.model.copy()
     model_cfg.backbone.init_cfg = None
-    if shallow:
+    if shallow and not model_cfg.backbone.model_name.startswith("agent_pvt"):  # agent_pvt_* fix their depths
         model_cfg.backbone.model_kwargs = dict(model_cfg.backbone.get("model_kwargs") or {}, **SHALLOW)
         model_cfg.backbone.model_kwargs.pop("dilations", None)  # per-block lists follow the full depths
     return _registry(cfg).MODELS.build(model_cfg)
