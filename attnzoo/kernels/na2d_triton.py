@@ -362,17 +362,14 @@ def _p2(n: int) -> int:
 
 
 def _tiles(sub_h: int, sub_w: int, kernel_size: tuple[int, int], head_dim: int) -> Tiles:
-    """Pick tile shapes for sub-grids of ``sub_h x sub_w`` (the largest residue's), kept >= 16 points
-    for tl.dot. Tall query tiles (16 x 8) cut the key rectangle overhead along x, where it is padded
-    to a power of two."""
-    kh, kw = kernel_size
-    bx = min(8, _p2(sub_w))
-    by = max(16 // bx, min(16 if head_dim <= 64 else 8, _p2(sub_h)))
-    kbx = min(_p2(bx + kw - 1), 32)
-    kby = max(1, 32 // kbx) if head_dim <= 64 else max(1, 16 // kbx)
-    if kby * kbx < 16:
-        kby = 16 // kbx
-    return Tiles(by, bx, kby, kbx, num_warps=4 if by * bx <= 64 else 8)
+    """Tile shapes for sub-grids of ``sub_h x sub_w`` (the largest residue's). Measured on an H200
+    (benchmarks/NOTES_na2d.md): 8 x 8 query tiles beat 16 x 8 and larger ones by 1.5-2.8x, because the
+    rectangle of keys a tile must score grows as (8 + k - 1) x (8 + k - 1) per 64 queries; key blocks
+    of 64 (head_dim <= 32) or 32 points keep registers in bounds. Every dot stays >= 16 wide."""
+    bx, by = min(8, _p2(sub_w)), min(8, _p2(sub_h))
+    kbx = min(_p2(bx + kernel_size[1] - 1), 32)
+    kby = max(1, (64 if head_dim <= 32 else 32) // kbx)
+    return Tiles(by, bx, kby, kbx, num_warps=4, num_stages=2)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
