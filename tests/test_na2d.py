@@ -248,6 +248,7 @@ def test_compile_fullgraph_reference():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, rpb))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_matches_reference_forward():
     """FlexAttention on CPU has no backward, so only the forward is compared here (GPU test does both)."""
     q, k, v, rpb = _inputs(2, 9, 11, 2, 8, (3, 5), with_rpb=True)
