@@ -26,8 +26,6 @@ if not _MISSING:
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import init_default_scope
 
-    from timm.models import group_parameters
-
     import attnzoo.dense  # noqa: F401  (registers AttnZooBackbone)
     from tools.make_dense_demo_data import CLASSES, main as make_demo_data
 
@@ -48,8 +46,10 @@ def _build(cfg: "Config", shallow: bool = False) -> torch.nn.Module:
     model_cfg = cfg.model.copy()
     model_cfg.backbone.init_cfg = None
     if shallow and not model_cfg.backbone.model_name.startswith("agent_pvt"):  # agent_pvt_* fix their depths
-        model_cfg.backbone.model_kwargs = dict(model_cfg.backbone.get("model_kwargs") or {}, **SHALLOW)
-        model_cfg.backbone.model_kwargs.pop("dilations", None)  # per-block lists follow the full depths
+        kwargs = dict(model_cfg.backbone.get("model_kwargs") or {}, **SHALLOW)
+        if "dilations" in kwargs:  # one block per level: keep each level's largest dense dilation
+            kwargs["dilations"] = [[max(level)] for level in kwargs["dilations"]]
+        model_cfg.backbone.model_kwargs = kwargs
     return _registry(cfg).MODELS.build(model_cfg)
 
 
@@ -119,10 +119,9 @@ def _train_and_infer(cfg: "Config", train_set: dict, val_set: dict):
     assert torch.isfinite(loss), log_vars
     loss.backward()
     backbone = model.backbone.model
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))  # group i + 1 = level i
-    params = dict(backbone.named_parameters())
     for level in range(4):
-        grads = [params[n].grad for n in groups[level + 1] if params[n].requires_grad]
+        prefix = backbone.feature_info[level]["module"] + "."
+        grads = [p.grad for n, p in backbone.named_parameters() if n.startswith(prefix) and p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), f"level {level}"
         assert any(g.abs().sum() > 0 for g in grads), f"no gradient reaches backbone level {level}"
     model.eval()
@@ -174,7 +173,7 @@ def test_dense_train_tool_runs_a_few_iterations(demo_root: Path, tmp_path: Path)
         "test_evaluator = val_evaluator\n")
     options = ["model.backbone.init_cfg=None", "model.backbone.model_kwargs.depths=[1,1,1,1]",
                "train_cfg.max_epochs=1", "train_cfg.val_interval=10", "default_hooks.logger.interval=1",
-               f"train_dataloader.dataset.pipeline.2.scale=[{DET_SIZE[0]},{DET_SIZE[1]}]", "param_scheduler.0.end=2"]
+               f"train_dataloader.dataset.pipeline.2.scale=({DET_SIZE[0]},{DET_SIZE[1]})", "param_scheduler.0.end=2"]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = subprocess.run([sys.executable, "tools/dense_train.py", str(user_cfg), "--work-dir", str(tmp_path / "work"),
                           "--cfg-options", *options], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
