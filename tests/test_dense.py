@@ -158,7 +158,8 @@ def test_upernet_trains_and_predicts(family: str, demo_root: Path) -> None:
 
 
 def test_dense_train_tool_runs_a_few_iterations(demo_root: Path, tmp_path: Path) -> None:
-    """A user's config that inherits a shipped one and points it at the tiny set, plus --cfg-options."""
+    """A user's config that inherits a shipped one and points it at the tiny set (10 classes), plus
+    --cfg-options: three training iterations, then mmengine's final-epoch COCO evaluation."""
     det = demo_root / "det"
     data = dict(data_root=str(det), metainfo=dict(classes=CLASSES))
     user_cfg = tmp_path / "tiny_nat.py"
@@ -169,11 +170,14 @@ def test_dense_train_tool_runs_a_few_iterations(demo_root: Path, tmp_path: Path)
         f"val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict("
         f"**{data!r}, ann_file='annotations/instances_val.json', data_prefix=dict(img='images/val/')))\n"
         "test_dataloader = val_dataloader\n"
+        f"model = dict(roi_head=dict(bbox_head=dict(num_classes={len(CLASSES)}), "
+        f"mask_head=dict(num_classes={len(CLASSES)})))\n"
         f"val_evaluator = dict(ann_file={str(det / 'annotations/instances_val.json')!r})\n"
         "test_evaluator = val_evaluator\n")
     options = ["model.backbone.init_cfg=None", "model.backbone.model_kwargs.depths=[1,1,1,1]",
-               "train_cfg.max_epochs=1", "train_cfg.val_interval=10", "default_hooks.logger.interval=1",
-               f"train_dataloader.dataset.pipeline.2.scale=({DET_SIZE[0]},{DET_SIZE[1]})", "param_scheduler.0.end=2"]
+               "train_cfg.max_epochs=1", "default_hooks.logger.interval=1",
+               f"train_dataloader.dataset.pipeline.2.scale=({DET_SIZE[0]},{DET_SIZE[1]})",
+               f"val_dataloader.dataset.pipeline.1.scale=({DET_SIZE[0]},{DET_SIZE[1]})", "param_scheduler.0.end=2"]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = subprocess.run([sys.executable, "tools/dense_train.py", str(user_cfg), "--work-dir", str(tmp_path / "work"),
                           "--cfg-options", *options], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -181,3 +185,4 @@ def test_dense_train_tool_runs_a_few_iterations(demo_root: Path, tmp_path: Path)
     assert (tmp_path / "work" / "epoch_1.pth").is_file()
     log = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
     assert "Epoch(train) [1][3/3]" in log, log[-2000:]
+    assert "coco/bbox_mAP" in log and "coco/segm_mAP" in log, log[-2000:]  # the final-epoch validation ran
