@@ -2,6 +2,8 @@
 
 ``backend="auto"`` sends CUDA tensors to Triton and everything else to the reference.
 """
-from attnzoo.kernels.bra import bra, routed_attention  # noqa: E402,F401
+from attnzoo.kernels.bra import bra, routed_attention
 from attnzoo.kernels.na2d import na2d
-from attnzoo.kernels.partitioned_attention import partitioned_attention  # noqa: F401
+from attnzoo.kernels.partitioned_attention import partitioned_attention
+
+__all__ = ["bra", "na2d", "partitioned_attention", "routed_attention"]
