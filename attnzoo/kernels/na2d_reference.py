@@ -1,9 +1,11 @@
-"""Pure-PyTorch 2-D neighborhood attention (NATTEN <=0.17 semantics), chunked over query rows.
+"""Pure-PyTorch 2-D neighborhood attention (NATTEN <=0.17 semantics).
 
-This is the CPU path, the CI path and the ground truth the Triton kernel is tested against. Each chunk
-of query rows gathers its kh*kw neighbours, so memory stays bounded by ``chunk_elements`` however large
-the map is; under autograd every chunk is checkpointed, so backward recomputes the gathered keys instead
-of keeping them alive for the whole map.
+This is the CPU path, the CI path and the ground truth the Triton kernel is tested against. Small maps
+(at most ``DENSE_WASTE`` times more tokens than a window, and a bounded logit tensor) run as dense
+attention with the neighbourhood as an additive mask: a few large matrix products, the fast way on a
+CPU. Larger maps run chunked over query rows: each chunk gathers its kh*kw neighbours, so memory stays
+bounded by ``chunk_elements`` however large the map is; under autograd every chunk is checkpointed, so
+backward recomputes the gathered keys instead of keeping them alive for the whole map.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 # Elements of one gathered key tensor per chunk (~128 MiB in fp32): bounds peak memory at any map size.
 CHUNK_ELEMENTS = 2**25
+# The dense masked path computes H*W logits per query instead of kh*kw: allowed up to this factor.
+DENSE_WASTE = 16
 
 
 def window_start(length: int, kernel_size: int, dilation: int, device: torch.device) -> torch.Tensor:
@@ -52,6 +56,30 @@ def _rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor |
     return torch.einsum("brwnac,brawcnd->brwnd", attn, v[:, rows, cols])
 
 
+def _dense_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                rpb: torch.Tensor | None, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[heads or 1, H*W, H*W]`` additive mask: the query's RPB at its neighbours, -inf elsewhere."""
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    iy, by = neighbour_index(H, kh, dh, device)
+    ix, bx = neighbour_index(W, kw, dw, device)
+    keys = (iy[:, None, :, None] * W + ix[None, :, None, :]).reshape(1, H * W, kh * kw)
+    if rpb is None:
+        vals = torch.zeros(1, H * W, kh * kw, dtype=dtype, device=device)
+    else:
+        vals = rpb[:, by[:, None, :, None], bx[None, :, None, :]].reshape(heads, H * W, kh * kw).to(dtype)
+    mask = torch.full((vals.shape[0], H * W, H * W), float("-inf"), dtype=dtype, device=device)
+    return mask.scatter(2, keys.expand(vals.shape[0], -1, -1), vals)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+           dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float) -> torch.Tensor:
+    B, H, W, N, D = q.shape
+    q, k, v = (t.permute(0, 3, 1, 2, 4).reshape(B, N, H * W, D) for t in (q, k, v))
+    logits = (q * scale) @ k.transpose(-1, -2) + _dense_mask(H, W, kernel_size, dilation, rpb, N, q.dtype, q.device)
+    out = logits.softmax(-1) @ v
+    return out.reshape(B, N, H, W, D).permute(0, 2, 3, 1, 4)
+
+
 def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
                    dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
@@ -62,6 +90,8 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
     """
     B, H, W, N, D = q.shape
     (kh, kw), (dh, dw) = kernel_size, dilation
+    if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
+        return _dense(q, k, v, kernel_size, dilation, rpb, scale)
     iy, by = neighbour_index(H, kh, dh, q.device)
     ix, bx = neighbour_index(W, kw, dw, q.device)
     rows_per_chunk = max(1, chunk_elements // max(1, B * W * N * D * kh * kw))
