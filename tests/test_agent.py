@@ -315,3 +315,14 @@ def test_agent_deit_loads_wrapped_checkpoint_and_resizes_pos_embed(tmp_path):
     with torch.no_grad():
         maps = feats(torch.randn(1, 3, 64, 48))
     assert [tuple(f.shape) for f in maps] == [(1, 192, 4, 3)] * 3
+
+
+def test_agent_pvt_parameter_groups_and_depth_override():
+    """timm's layer grouping (layer decay, frozen stages) works, and callers may override depths."""
+    from timm.models import group_parameters
+
+    model = timm.create_model("agent_pvt_t", depths=(1, 1, 1, 1))
+    assert [len(s.blocks) for s in model.stages] == [1, 1, 1, 1]
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    assert all(n.startswith("stages.0.") for n in groups[0]) and len(groups) == 6
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))

@@ -151,9 +151,9 @@ class AgentPvt(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)",
+        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
                     blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                                                             (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))])
+                                                             (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -265,22 +265,22 @@ _BASE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=
 @register_model
 def agent_pvt_t(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-T (11.6M, 78.4% ImageNet-1k top-1 at 224)."""
-    return _create_agent_pvt("agent_pvt_t", pretrained, **dict(_BASE, depths=(2, 2, 2, 2), **kwargs))
+    return _create_agent_pvt("agent_pvt_t", pretrained, **dict(dict(_BASE, depths=(2, 2, 2, 2)), **kwargs))
 
 
 @register_model
 def agent_pvt_s(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-S (20.6M, 82.2%)."""
-    return _create_agent_pvt("agent_pvt_s", pretrained, **dict(_BASE, depths=(3, 4, 6, 3), **kwargs))
+    return _create_agent_pvt("agent_pvt_s", pretrained, **dict(dict(_BASE, depths=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def agent_pvt_m(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-M (35.9M, 83.4%)."""
-    return _create_agent_pvt("agent_pvt_m", pretrained, **dict(_BASE, depths=(3, 4, 18, 3), **kwargs))
+    return _create_agent_pvt("agent_pvt_m", pretrained, **dict(dict(_BASE, depths=(3, 4, 18, 3)), **kwargs))
 
 
 @register_model
 def agent_pvt_l(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-L (48.7M, 83.7%; the official config file is ``agent_pvt_b.yaml``)."""
-    return _create_agent_pvt("agent_pvt_l", pretrained, **dict(_BASE, depths=(3, 8, 27, 3), **kwargs))
+    return _create_agent_pvt("agent_pvt_l", pretrained, **dict(dict(_BASE, depths=(3, 8, 27, 3)), **kwargs))
