@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# ATTNZOO_RESULTS_DIR sends every report elsewhere (e.g. a scratch folder on a shared GPU box).
+RESULTS_DIR = Path(os.environ.get("ATTNZOO_RESULTS_DIR", Path(__file__).parent / "results"))
 
 
 def environment() -> dict[str, Any]:

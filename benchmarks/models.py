@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -105,7 +106,8 @@ def measure(case: Case, batch: int, img_size: int, device: torch.device, channel
     train_ms = time_ms(train_step, warmup=200, rep=1500)
     peak = peak_memory_mib(train_step)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return dict(family=case.family, model=case.model, backend=case.backend, params_m=params,
+    extra = {"kwargs": json.dumps(case.kwargs)} if case.kwargs else {}
+    return dict(family=case.family, model=case.model, backend=case.backend, **extra, params_m=params,
                 infer_img_s=batch / infer_ms * 1e3, train_img_s=batch / train_ms * 1e3, train_peak_mib=peak)
 
 
@@ -137,7 +139,7 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
         row["source"] = "attnzoo" if c.model in attnzoo.list_models() else "timm"
         report.add(**row)
         tqdm.write(str({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
-    report.save(out_dir) if out_dir else report.save()
+        report.save(out_dir) if out_dir else report.save()  # after every row: a cut-off run keeps what it measured
     return report
 
 
@@ -145,13 +147,18 @@ def main(argv: list[str] | None = None) -> Report:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", help="model names (default: T/S of every family and their peers)")
     p.add_argument("--backends", nargs="*", default=["auto"], help="backends for --models")
+    p.add_argument("--families", nargs="*", help="only these families of the default cases (e.g. NAT BiFormer)")
+    p.add_argument("--kwargs", type=json.loads, default={}, help='model kwargs as JSON for --models, e.g. \'{"n_win": 16}\'')
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
-    cases = [Case(m, "-", b) for m in a.models for b in a.backends] if a.models else DEFAULT_CASES
+    if a.models:
+        cases = [Case(m, "-", b, kwargs=a.kwargs) for m in a.models for b in a.backends]
+    else:
+        cases = [c for c in DEFAULT_CASES if not a.families or c.family in a.families]
     batch, size = (2, 64) if a.quick else (a.batch, a.img_size)
     return run(cases, batch, size, a.name or ("models_quick" if a.quick else "models"), a.out_dir)
 
