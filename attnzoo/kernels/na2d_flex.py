@@ -36,9 +36,12 @@ def _neighbour_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tupl
 
 @functools.lru_cache(maxsize=32)
 def _block_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int], device: str) -> BlockMask:
+    """Cached per shape; built outside inference mode so a mask first made during an ``inference_mode``
+    forward stays usable in a later training step."""
     L = H * W
-    return create_block_mask(_neighbour_mask(H, W, kernel_size, dilation), B=None, H=None, Q_LEN=L, KV_LEN=L,
-                             device=device)
+    with torch.inference_mode(False):
+        return create_block_mask(_neighbour_mask(H, W, kernel_size, dilation), B=None, H=None, Q_LEN=L, KV_LEN=L,
+                                 device=device)
 
 
 @functools.lru_cache(maxsize=1)
