@@ -49,10 +49,10 @@ def plot_models(data: dict, path: Path) -> Path | None:
 
 
 def plot_scaling(data: dict, path: Path) -> Path | None:
-    """Log-log time and peak memory against pixels, one line per model, slopes in the legend."""
+    """Log-log per-image time and peak memory against pixels, one line per model, slopes in the legend."""
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in data["rows"]:
-        if "fwd_bwd_ms" in r:
+        if "ms_per_image" in r:
             by_model[r["model"]].append(r)
     if not by_model:
         return None
@@ -60,11 +60,11 @@ def plot_scaling(data: dict, path: Path) -> Path | None:
     for model, rs in by_model.items():
         px = [r["pixels"] for r in rs]
         ts, ms = rs[0].get("time_slope"), rs[0].get("memory_slope")
-        ax_t.loglog(px, [r["fwd_bwd_ms"] for r in rs], "o-", label=f"{model} (slope {ts:.2f})" if ts else model)
-        if rs[0].get("peak_mib") is not None:
-            ax_m.loglog(px, [r["peak_mib"] for r in rs], "o-", label=f"{model} (slope {ms:.2f})" if ms else model)
-    ax_t.set(xlabel="pixels", ylabel="forward+backward ms", title="time")
-    ax_m.set(xlabel="pixels", ylabel="peak MiB", title="memory")
+        ax_t.loglog(px, [r["ms_per_image"] for r in rs], "o-", label=f"{model} (slope {ts:.2f})" if ts else model)
+        if rs[0].get("mib_per_image") is not None:
+            ax_m.loglog(px, [r["mib_per_image"] for r in rs], "o-", label=f"{model} (slope {ms:.2f})" if ms else model)
+    ax_t.set(xlabel="pixels per image", ylabel="forward+backward ms per image", title="time")
+    ax_m.set(xlabel="pixels per image", ylabel="peak MiB per image", title="memory")
     for ax in (ax_t, ax_m):
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
