@@ -9,7 +9,9 @@ is ``rpb[head, (jy - iy) / dy + kh - 1, (jx - ix) / dw + kw - 1]``.
 
 Backends: ``"triton"`` (fused forward and backward, registered as the ``attnzoo::na2d_fwd`` /
 ``attnzoo::na2d_bwd`` custom ops so ``torch.compile(fullgraph=True)`` keeps them in one graph),
-``"reference"`` (chunked pure PyTorch), ``"flex"`` (FlexAttention baseline) and ``"auto"``.
+``"dense"`` (SDPA over all tokens with the neighbourhood + RPB as an additive mask: exact, and the
+faster choice on small maps), ``"reference"`` (pure PyTorch: dense on small maps, chunked gather
+otherwise), ``"flex"`` (FlexAttention baseline) and ``"auto"`` (see ``_prefer_dense``).
 """
 from __future__ import annotations
 
@@ -18,11 +20,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from attnzoo.kernels._dispatch import resolve_backend
-from attnzoo.kernels.na2d_reference import na2d_reference
+from attnzoo.kernels.na2d_reference import DENSE_WASTE, na2d_dense, na2d_reference
 
 IntPair = Union[int, Sequence[int]]
+BACKENDS = ("auto", "triton", "dense", "reference", "flex")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = range(8, 129, 8)
+# backend="auto" on CUDA runs the dense masked path up to this many scores B*heads*(H*W)^2 (_prefer_dense):
+# 1 GiB of bf16 mask gradient.
+DENSE_MAX_SCORES = 2**29
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
@@ -69,6 +75,23 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size
             raise TypeError(f"na2d: rpb must have q's dtype {q.dtype} or torch.float32, got {rpb.dtype}")
         if rpb.device != q.device:
             raise ValueError(f"na2d: rpb must be on q's device {q.device}, got {rpb.device}")
+
+
+def _prefer_dense(H: int, W: int, kernel_size: tuple[int, int], B: int, heads: int) -> bool:
+    """Whether ``backend="auto"`` runs a CUDA call as masked dense SDPA rather than the Triton kernel.
+
+    Dense attention does ``H*W / (kh*kw)`` times the useful work, but on tensor cores in one well-shaped
+    kernel; the Triton kernel scores ~5x the useful pairs on CUDA cores, in programs that small maps make
+    too few and too short to fill the GPU (H200, bf16, B128, fwd+bwd, k7: 14×14 h8 Triton 1.09 ms vs
+    unmasked SDPA 0.24 ms; 28×28 h4 1.42 vs 0.96; 56×56 h2 2.46 vs 5.05). Rule: dense while the map has
+    at most ``DENSE_WASTE`` (16) windows' worth of tokens (784 = 28×28 for k7, the same bound the
+    reference uses) and at most ``DENSE_MAX_SCORES`` scores ``B*heads*(H*W)^2``, which bounds the
+    quadratic work and the mask gradient SDPA materialises at full batch size. Dilation is left out: it
+    does not change the dense cost and only slows the Triton kernel (14×14 dil 2: 1.26 ms), so ignoring
+    it errs towards Triton.
+    """
+    tokens = H * W
+    return tokens <= DENSE_WASTE * kernel_size[0] * kernel_size[1] and B * heads * tokens ** 2 <= DENSE_MAX_SCORES
 
 
 def _check_triton(q: torch.Tensor) -> None:
@@ -145,14 +168,21 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntPair
         dilation: int or ``(dh, dw)``; H >= kh * dh and W >= kw * dw.
         rpb: optional relative position bias ``[heads, 2*kh-1, 2*kw-1]`` (q's dtype or float32).
         scale: multiplies q before q·k; defaults to ``head_dim ** -0.5``.
-        backend: ``"auto"`` (CUDA -> triton, else reference), ``"triton"``, ``"reference"``, or ``"flex"``
-            (FlexAttention with the same mask; a baseline for benchmarks).
-        deterministic: triton backward only: reduce the rpb gradient without float atomics, so repeated
-            runs are bit-identical. ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
+        backend: ``"auto"``, ``"triton"`` (always the fused kernel), ``"dense"`` (always masked SDPA),
+            ``"reference"``, or ``"flex"`` (FlexAttention with the same mask; a baseline for benchmarks).
+            ``"auto"`` on CUDA runs ``"dense"`` where ``_prefer_dense`` predicts it faster (small maps such
+            as NAT/DiNAT's 14×14 and 7×7 stages) and Triton elsewhere; on other devices the reference
+            (which is itself dense on small maps). All paths compute the same function: results agree
+            up to floating-point rounding.
+        deterministic: reduce the rpb gradient without float atomics, so repeated runs are bit-identical
+            (triton backward; with it, ``"auto"`` keeps to Triton). ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"na2d: backend must be one of {BACKENDS}, got {backend!r}")
     kernel_size, dilation = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
     _check_inputs(q, k, v, kernel_size, dilation, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -160,10 +190,15 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntPair
         from attnzoo.kernels.na2d_flex import na2d_flex
 
         return na2d_flex(q, k, v, kernel_size, dilation, rpb, scale)
+    if backend == "dense":
+        return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
     if resolve_backend(backend, q.device, "na2d") == "reference":
         return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
-    _check_triton(q)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    B, H, W, N, _ = q.shape
+    if backend == "auto" and not deterministic and _prefer_dense(H, W, kernel_size, B, N):
+        return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
+    _check_triton(q)
     out, _ = _na2d_fwd(q, k, v, rpb, list(kernel_size), list(dilation), scale, bool(deterministic))
     return out

@@ -1,21 +1,32 @@
 """Pure-PyTorch 2-D neighborhood attention (NATTEN <=0.17 semantics).
 
-This is the CPU path, the CI path and the ground truth the Triton kernel is tested against. Small maps
-(at most ``DENSE_WASTE`` times more tokens than a window, and a bounded logit tensor) run as dense
-attention with the neighbourhood as an additive mask: a few large matrix products, the fast way on a
-CPU. Larger maps run chunked over query rows: each chunk gathers its kh*kw neighbours, so memory stays
-bounded by ``chunk_elements`` however large the map is; under autograd every chunk is checkpointed, so
-backward recomputes the gathered keys instead of keeping them alive for the whole map.
+This is the CPU path, the CI path and the ground truth the Triton kernel is tested against. Two
+formulations of the same function:
+
+- ``na2d_dense``: dense attention (``scaled_dot_product_attention``) over all H*W tokens with the
+  neighbourhood as an additive mask holding the RPB. A few large matrix products: the fast way on a CPU,
+  and on a GPU for small maps, where ``na2d(backend="auto")`` picks it over the Triton kernel
+  (``backend="dense"`` forces it). The reference uses it for small maps (at most ``DENSE_WASTE`` times
+  more tokens than a window, and a bounded logit tensor).
+- ``na2d_gather``: any map size, chunked over query rows: each chunk gathers its kh*kw neighbours, so
+  memory stays bounded by ``chunk_elements`` however large the map is; under autograd every chunk is
+  checkpointed, so backward recomputes the gathered keys instead of keeping them alive for the whole map.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Elements of one gathered key tensor per chunk (~128 MiB in fp32): bounds peak memory at any map size.
 CHUNK_ELEMENTS = 2**25
 # The dense masked path computes H*W logits per query instead of kh*kw: allowed up to this factor.
 DENSE_WASTE = 16
+# Row padding of the dense mask's storage (elements): SDPA's memory-efficient kernel wants the mask's
+# row stride aligned to 16 bytes (8 bf16/fp16 elements) and copies the mask otherwise.
+MASK_ALIGN = 8
 
 
 def window_start(length: int, kernel_size: int, dilation: int, device: torch.device) -> torch.Tensor:
@@ -56,42 +67,65 @@ def _rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor |
     return torch.einsum("brwnac,brawcnd->brwnd", attn, v[:, rows, cols])
 
 
-def _dense_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
-                rpb: torch.Tensor | None, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[heads or 1, H*W, H*W]`` additive mask: the query's RPB at its neighbours, -inf elsewhere."""
+@functools.lru_cache(maxsize=64)
+def _mask_index(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, bias)``, both ``[H*W, kh*kw]`` int64: each query's neighbour tokens and the flat index of
+    their RPB entry in a ``[2*kh-1, 2*kw-1]`` table.
+
+    Cached per shape and device; built outside inference mode (and without autograd history) so that a
+    cache first filled during an ``inference_mode`` forward stays usable in a later training step.
+    """
     (kh, kw), (dh, dw) = kernel_size, dilation
-    iy, by = neighbour_index(H, kh, dh, device)
-    ix, bx = neighbour_index(W, kw, dw, device)
-    keys = (iy[:, None, :, None] * W + ix[None, :, None, :]).reshape(1, H * W, kh * kw)
+    with torch.inference_mode(False), torch.no_grad():
+        iy, by = neighbour_index(H, kh, dh, torch.device(device))
+        ix, bx = neighbour_index(W, kw, dw, torch.device(device))
+        keys = iy[:, None, :, None] * W + ix[None, :, None, :]  # [H, W, kh, kw]
+        bias = by[:, None, :, None] * (2 * kw - 1) + bx[None, :, None, :]
+        return keys.reshape(H * W, kh * kw), bias.reshape(H * W, kh * kw)
+
+
+def dense_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+               rpb: torch.Tensor | None, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[heads or 1, H*W, H*W]`` additive mask in ``dtype``: the RPB (or 0) at each query's neighbours,
+    -inf elsewhere; differentiable in ``rpb`` (gathered on every call).
+
+    The storage rows are padded to a multiple of ``MASK_ALIGN`` elements and the result is a slice, so
+    SDPA's memory-efficient kernel sees an aligned row stride and uses the mask in place.
+    """
+    L = H * W
+    keys, bias = _mask_index(H, W, kernel_size, dilation, str(device))
     if rpb is None:
-        vals = torch.zeros(1, H * W, kh * kw, dtype=dtype, device=device)
+        vals = torch.zeros(1, L, keys.shape[1], dtype=dtype, device=device)
     else:
-        vals = rpb[:, by[:, None, :, None], bx[None, :, None, :]].reshape(heads, H * W, kh * kw).to(dtype)
-    mask = torch.full((vals.shape[0], H * W, H * W), float("-inf"), dtype=dtype, device=device)
-    return mask.scatter(2, keys.expand(vals.shape[0], -1, -1), vals)
+        vals = rpb.flatten(1)[:, bias].to(dtype)  # [heads, L, kh*kw]
+    padded = -(-L // MASK_ALIGN) * MASK_ALIGN
+    mask = torch.full((vals.shape[0], L, padded), float("-inf"), dtype=dtype, device=device)
+    return mask.scatter(2, keys.expand(vals.shape[0], -1, -1), vals)[..., :L]
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
-           dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float) -> torch.Tensor:
-    B, H, W, N, D = q.shape
-    q, k, v = (t.permute(0, 3, 1, 2, 4).reshape(B, N, H * W, D) for t in (q, k, v))
-    logits = (q * scale) @ k.transpose(-1, -2) + _dense_mask(H, W, kernel_size, dilation, rpb, N, q.dtype, q.device)
-    out = logits.softmax(-1) @ v
-    return out.reshape(B, N, H, W, D).permute(0, 2, 3, 1, 4)
+def na2d_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+               dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Neighborhood attention as masked dense attention (``scaled_dot_product_attention`` over all H*W
+    tokens with ``dense_mask``), on validated ``[B, H, W, heads, D]`` inputs; returns the same layout.
 
-
-def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
-                   dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
-                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Neighborhood attention on validated ``[B, H, W, heads, D]`` inputs; returns the same layout.
-
-    ``softmax((q * scale) · k + rpb) · v`` over each query's ``kh x kw`` neighbours. Differentiable through
-    plain PyTorch ops in every input, ``rpb`` included.
+    q, k, v enter SDPA as ``[B, heads, H*W, D]`` views: no copies for heads-last inputs whose (H, W)
+    dims merge, slices of a packed qkv tensor included. Exact; cheaper than any tiled kernel on small maps.
     """
     B, H, W, N, D = q.shape
+    q_, k_, v_ = (t.permute(0, 3, 1, 2, 4).flatten(2, 3) for t in (q, k, v))
+    mask = dense_mask(H, W, kernel_size, dilation, rpb, N, q.dtype, q.device)
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.unsqueeze(0), scale=scale)
+    return out.unflatten(2, (H, W)).permute(0, 2, 3, 1, 4)
+
+
+def na2d_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+                dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
+                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Neighborhood attention by gathering each query's neighbours, chunked over query rows (any map size;
+    memory bounded by ``chunk_elements``; chunks checkpointed under autograd)."""
+    B, H, W, N, D = q.shape
     (kh, kw), (dh, dw) = kernel_size, dilation
-    if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
-        return _dense(q, k, v, kernel_size, dilation, rpb, scale)
     iy, by = neighbour_index(H, kh, dh, q.device)
     ix, bx = neighbour_index(W, kw, dw, q.device)
     rows_per_chunk = max(1, chunk_elements // max(1, B * W * N * D * kh * kw))
@@ -103,3 +137,19 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
         args = (q[:, y0:y1], k, v, rpb, iy[y0:y1], by[y0:y1], ix, bx, scale)
         out.append(checkpoint(_rows, *args, use_reentrant=False) if needs_grad else _rows(*args))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+                   dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Neighborhood attention on validated ``[B, H, W, heads, D]`` inputs; returns the same layout.
+
+    ``softmax((q * scale) · k + rpb) · v`` over each query's ``kh x kw`` neighbours, differentiable through
+    plain PyTorch ops in every input, ``rpb`` included. Small maps (at most ``DENSE_WASTE`` times the window
+    in tokens, and at most ``chunk_elements`` logits) run ``na2d_dense``; larger ones ``na2d_gather``.
+    """
+    B, H, W, N, D = q.shape
+    (kh, kw) = kernel_size
+    if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
+        return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
+    return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements)
