@@ -71,7 +71,7 @@ class FocalModulation(nn.Module):
         if x.ndim != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"FocalModulation: x must be [B, H, W, {self.dim}] (NHWC), got {tuple(x.shape)}")
         q, ctx, gates = self.f(x).split([self.dim, self.dim, self.focal_level + 1], dim=-1)
-        ctx = _nchw(ctx).contiguous(memory_format=torch.channels_last)
+        ctx = _nchw(ctx)  # a strided view of f(x): the first conv saves it without another copy
         ctx_all = 0
         for level, focal_layer in enumerate(self.focal_layers):
             ctx = focal_layer(ctx)
