@@ -1,10 +1,12 @@
-"""na2d kernel benchmark: fused Triton vs FlexAttention (compiled), dense SDPA and the gather reference.
+"""na2d kernel benchmark: fused Triton vs masked dense SDPA, FlexAttention (compiled), plain SDPA, the gather reference.
 
 Forward and forward+backward medians (``triton.testing.do_bench``) in bf16 on the NAT/DiNAT shapes at
 224² (batch 128) and on high-resolution maps (batch 8). Each row carries the effective TFLOP/s
 (useful neighbourhood FLOPs only: 4*B*heads*H*W*kh*kw*D forward, 3.5x that forward+backward) and the
 HBM floor (q, k, v, o once forward; plus dO read and dq, dk, dv written for forward+backward, over the
-measured copy bandwidth).
+measured copy bandwidth). ``dense`` is na2d's masked-SDPA path (same function, rpb included) and
+``auto`` what ``backend="auto"`` runs (its choice in the ``auto_picks`` column): together with ``triton``
+they show the small-map crossover on the NAT/DiNAT shapes.
 
     python -m benchmarks.na2d                 # full run, writes benchmarks/results/na2d.{json,md}
     python -m benchmarks.na2d --quick         # a few small cases (CPU smoke run or a first look)
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kernels import na2d
+from attnzoo.kernels.na2d import _prefer_dense
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, time_ms
 
 # (group, H, W, heads, D, kernel, dilation, batch, rpb)
@@ -57,6 +60,8 @@ def _bench_case(case, backends, bw_gbs, reps) -> list[dict]:
             continue  # dense over all tokens: one no-rpb row per shape is the comparison
         if backend == "reference" and B * H * W > 128 * 56 * 56:
             continue
+        if backend in ("dense", "auto") and group == "hires":
+            continue  # dense is O(L^2) (auto runs Triton there): the crossover lives on the 224² shapes
         if backend == "sdpa":
             qs, ks, vs = (t.flatten(1, 2).transpose(1, 2) for t in (q, kk, v))
             fwd = lambda: F.scaled_dot_product_attention(qs, ks, vs)  # noqa: E731
@@ -78,6 +83,9 @@ def _bench_case(case, backends, bw_gbs, reps) -> list[dict]:
         fl = _flops(B, H, W, N, D, k)
         row = dict(group=group, case=_name(case), backend=backend, fwd_ms=t_fwd, fwd_bwd_ms=t_fb,
                    fwd_tflops=fl / t_fwd / 1e9, fwd_bwd_tflops=3.5 * fl / t_fb / 1e9)
+        if backend == "auto":
+            row["auto_picks"] = ("reference" if dev == "cpu" else
+                                 "dense" if _prefer_dense(H, W, (k, k), B, N) else "triton")
         if bw_gbs:
             row.update(fwd_floor_ms=4 * tensor_bytes / bw_gbs / 1e6, fwd_bwd_floor_ms=12 * tensor_bytes / bw_gbs / 1e6)
         rows.append(row)
@@ -138,7 +146,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--groups", default="nat,dinat,hires")
-    ap.add_argument("--backends", default="triton,flex,sdpa,reference")
+    ap.add_argument("--backends", default="triton,dense,auto,flex,sdpa,reference")
     ap.add_argument("--reps", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
@@ -154,12 +162,14 @@ def main() -> None:
     notes = (f"bf16; measured copy bandwidth {bw:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s. " if cuda else "") + (
         "TFLOP/s count only neighbourhood FLOPs (4·B·heads·H·W·k²·D forward, 3.5x forward+backward); "
         "floors: q,k,v,o (forward) and q,k,v,o,dO,dq,dk,dv + forward (fwd+bwd) once over the copy bandwidth. "
-        "sdpa = dense attention over all tokens (no mask, no rpb); reference = chunked gather in PyTorch; "
+        "dense = na2d's masked SDPA path (neighbourhood + rpb as an additive mask, same function); auto = "
+        "backend='auto' (its choice in auto_picks); sdpa = dense attention over all tokens (no mask, no rpb); "
+        "reference = the PyTorch reference (dense on small maps, else chunked gather); "
         "flex = FlexAttention, compiled, same mask + rpb score_mod. NATTEN is not importable here.")
     report = Report("na2d", "na2d: fused Triton neighborhood attention vs baselines", notes=notes,
                     columns=["group", "case", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
                              "fwd_floor_ms", "fwd_bwd_floor_ms", "triton_speedup_fwd", "triton_speedup_fwd_bwd",
-                             "error"])
+                             "auto_picks", "error"])
     for case in cases:
         for row in _bench_case(case, args.backends.split(","), bw, args.reps):
             report.add(**row)
