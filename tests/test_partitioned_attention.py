@@ -279,3 +279,45 @@ def test_swin_table_conversion_documented_in_block():
     swin = table[get_relative_position_index(ph, pw).view(-1)].view(ph * pw, ph * pw, heads).permute(2, 0, 1)
     ours = rpb_bias(table.T.reshape(heads, 2 * ph - 1, 2 * pw - 1).flip(1, 2), (ph, pw))
     assert torch.equal(ours, swin)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_training_step_after_inference_mode_forward(backend):
+    """Shape-keyed caches (relative index, bias-tile index) first filled under ``torch.inference_mode``
+    must not be inference tensors: a later forward+backward saves them for backward."""
+    from attnzoo.kernels import partitioned_attention_triton as pat
+    from attnzoo.kernels.partitioned_attention_reference import relative_index
+
+    relative_index.cache_clear()
+    pat._tile_index.cache_clear()
+    blk = PartitionAttention2d(16, head_dim=8, partition_size=(3, 5), mode="grid", rel_pos_bias=True)
+    set_attention_backend(blk, backend)
+    x = torch.randn(2, 6, 10, 16)
+    with torch.inference_mode():
+        y0 = blk(x)
+    y = blk(x.requires_grad_())
+    y.square().sum().backward()
+    assert torch.allclose(y, y0, atol=1e-5)
+    assert torch.isfinite(x.grad).all() and blk.relative_position_bias_table.grad.abs().sum() > 0
+
+
+@pytest.mark.triton_interpret
+def test_compiled_graph_uses_custom_op_and_matches_eager():
+    """Under torch.compile the op traces as the ``attnzoo::partitioned_attention_fwd`` custom op; eager
+    calls take the autograd.Function. Both give the same output and gradients."""
+    case = (1, 6, 7, 2, 8, (3, 4), "window", (1, 2), True)
+    out, grads, (qkv, rpb, go) = _fwd_bwd(case, torch.float32, "cpu", "triton")
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    fn = torch.compile(lambda q, k, v, r: partitioned_attention(q, k, v, (3, 4), shift=(1, 2), rpb=r,
+                                                                backend="triton"), backend=backend, fullgraph=True)
+    out_c = fn(*qkv.unbind(3), rpb)
+    grads_c = torch.autograd.grad(out_c, [qkv, rpb], go)
+    assert any("partitioned_attention_fwd" in t for t in seen), seen
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
+    for g_c, g in zip(grads_c, grads):
+        torch.testing.assert_close(g_c, g, rtol=1e-6, atol=1e-6)

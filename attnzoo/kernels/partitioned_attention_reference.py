@@ -72,10 +72,12 @@ def partition_mask(H: int, W: int, part: tuple[int, int], mode: str, shift: tupl
 @functools.lru_cache(maxsize=64)
 def relative_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
     """``[N*N]`` index into a flattened ``[2ph-1, 2pw-1]`` table for every (query, key) pair of a partition:
-    ``(ky - qy + ph - 1) * (2pw - 1) + (kx - qx + pw - 1)`` (cached: built once per size and device)."""
-    n = torch.arange(ph * pw, device=device)
-    i, j = n // pw, n % pw
-    return ((i[None, :] - i[:, None] + ph - 1) * (2 * pw - 1) + (j[None, :] - j[:, None] + pw - 1)).flatten()
+    ``(ky - qy + ph - 1) * (2pw - 1) + (kx - qx + pw - 1)`` (cached per size and device; built outside inference mode so that a cache filled during an
+    ``inference_mode`` forward can still be saved for backward by a later training step)."""
+    with torch.inference_mode(False):
+        n = torch.arange(ph * pw, device=device)
+        i, j = n // pw, n % pw
+        return ((i[None, :] - i[:, None] + ph - 1) * (2 * pw - 1) + (j[None, :] - j[:, None] + pw - 1)).flatten()
 
 
 def rpb_bias(rpb: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:

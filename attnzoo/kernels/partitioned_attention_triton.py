@@ -9,16 +9,20 @@ Forward: flash-attention online softmax over key blocks, storing the log-sum-exp
 Backward: one kernel per key block recomputes the probabilities from the log-sum-exp and produces dk,
 dv, dq and the bias gradient; a program walks ``PARTS`` partitions of one head so it can sum their
 bias gradients in registers before a single atomic add (the table is shared by every partition).
+
+Host side, each direction is one Triton launch plus at most two small torch ops for the bias (expand
+the table into a tile; fold the tile gradient back into the table): at 7x7 maps the whole problem is a
+few microseconds of GPU work, so every host-side op shows up in the step time.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-import torch.nn.functional as F
-
-from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index, rpb_bias
+from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index
 
 
 def _alloc(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -55,7 +59,7 @@ def _token(n, p, N, H, W, Hp, Wp, PH, PW, SY, SX, GRID: tl.constexpr):
 def _logits(q, k, offs_m, offs_n, qreg, kreg, kvalid, BIAS, h, scale,
             HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, N_PAD: tl.constexpr):
     """Logits of a [BLOCK_M, BLOCK_N] tile in log2 units (scaled q·k + bias), -inf where not allowed.
-    ``BIAS`` is the table expanded to [heads, N_PAD, N_PAD] (zero-padded): a contiguous, L2-resident tile."""
+    ``BIAS`` is the table expanded to [heads, N_PAD, N_PAD] (padding entries masked): a contiguous, L2-resident tile."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     if HAS_RPB:
         s += tl.load(BIAS + (h * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :])
@@ -209,13 +213,38 @@ def _geometry(q: torch.Tensor, ph: int, pw: int) -> tuple[int, int, int, int]:
     return Hp, Wp, (Hp // ph) * (Wp // pw), ph * pw
 
 
-def _bias_tile(rpb: torch.Tensor | None, ph: int, pw: int, n_pad: int, q: torch.Tensor) -> torch.Tensor:
-    """The table expanded to fp32 [heads, n_pad, n_pad] logit biases, zero-padded (a dummy without rpb)."""
+def tile_size(N: int) -> int:
+    """Side of the square bias tile for ``N``-token partitions: ``N`` rounded up to the query/key block."""
+    block = _blocks(N, 16)[0]
+    return triton.cdiv(N, block) * block
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
+    """``[n_pad * n_pad]`` index of each bias-tile entry in the flattened table. Padded rows and columns
+    point at entry 0: the kernel masks those logits and their gradient is exactly zero, so they read a
+    harmless value and add 0.0 when folded back. Built outside inference mode so the cached tensor can
+    be saved for backward by later autograd calls."""
+    N, n_pad = ph * pw, tile_size(ph * pw)
+    with torch.inference_mode(False):
+        idx = torch.zeros(n_pad, n_pad, dtype=torch.long, device=device)
+        idx[:N, :N] = relative_index(ph, pw, device).view(N, N)
+        return idx.flatten()
+
+
+def bias_tile(rpb: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor | None:
+    """The table ``[heads, 2ph-1, 2pw-1]`` expanded to fp32 logit biases ``[heads, n_pad, n_pad]`` (one gather)."""
     if rpb is None:
-        return q  # never read: HAS_RPB is False
-    bias = rpb_bias(rpb.float(), (ph, pw))
-    pad = n_pad - ph * pw
-    return F.pad(bias, (0, pad, 0, pad)).contiguous()
+        return None
+    n_pad = tile_size(ph * pw)
+    return rpb.float().flatten(1)[:, _tile_index(ph, pw, rpb.device)].view(-1, n_pad, n_pad)
+
+
+def fold_bias_grad(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Sum a tile gradient ``[heads, n_pad, n_pad]`` into the table layout ``[heads, 2ph-1, 2pw-1]`` (fp32)."""
+    table = dbias.new_zeros(dbias.shape[0], (2 * ph - 1) * (2 * pw - 1))
+    table.index_add_(1, _tile_index(ph, pw, dbias.device), dbias.flatten(1))
+    return table.view(-1, 2 * ph - 1, 2 * pw - 1)
 
 
 def _interpreter_bf16(t: torch.Tensor) -> bool:
@@ -224,30 +253,31 @@ def _interpreter_bf16(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
-    """Output ``[B, H, W, heads, D]`` (contiguous, q's dtype) and the log-sum-exp ``[B, H, W, heads]`` (fp32)."""
+def forward(q, k, v, bias, ph, pw, grid, sy, sx, scale):
+    """Output ``[B, H, W, heads, D]`` (contiguous, q's dtype) and the log-sum-exp ``[B, H, W, heads]`` (fp32).
+    ``bias`` is :func:`bias_tile`'s expansion of the table, or None."""
     if _interpreter_bf16(q):
-        o, lse = forward(q.float(), k.float(), v.float(), rpb, ph, pw, grid, sy, sx, scale)
+        o, lse = forward(q.float(), k.float(), v.float(), bias, ph, pw, grid, sy, sx, scale)
         return o.to(q.dtype), lse
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
-    n_pad = triton.cdiv(N, BLOCK_M) * BLOCK_M
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:4], torch.float32, q.device)
     grid_ = (B * NP, NH * triton.cdiv(N, BLOCK_M))
     _pa_fwd[grid_](
-        q, k, v, o, lse, _bias_tile(rpb, ph, pw, n_pad, q), *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, o, lse, q if bias is None else bias, *_strides(q), *_strides(k), *_strides(v),
         NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
-        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q), N_PAD=n_pad,
+        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=_precision(q), N_PAD=tile_size(N),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **FWD_LAUNCH)
     return o, lse
 
 
-def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
-    """Gradients dq, dk, dv (contiguous, q's dtype) and d(rpb) (rpb's dtype; empty without rpb)."""
+def backward(do, q, k, v, bias, out, lse, ph, pw, grid, sy, sx, scale):
+    """Gradients dq, dk, dv (contiguous, q's dtype) and the fp32 bias-tile gradient (None without a bias;
+    :func:`fold_bias_grad` turns it into the table's gradient)."""
     if _interpreter_bf16(q):
-        grads = backward(do.float(), q.float(), k.float(), v.float(), rpb, out.float(), lse, ph, pw, grid, sy, sx, scale)
+        grads = backward(do.float(), q.float(), k.float(), v.float(), bias, out.float(), lse, ph, pw, grid, sy, sx, scale)
         return tuple(g.to(q.dtype) for g in grads[:3]) + (grads[3],)
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
@@ -258,31 +288,19 @@ def backward(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
         torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = _alloc(q.shape, q.dtype, q.device)
     dv = _alloc(q.shape, q.dtype, q.device)
-    n_pad = triton.cdiv(N, BLOCK_M) * BLOCK_M
-    dbias = torch.zeros(NH, n_pad, n_pad, dtype=torch.float32, device=q.device) if rpb is not None else dq
+    dbias = None if bias is None else torch.zeros_like(bias)  # atomic-add target
     BP = B * NP
     # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows
-    parts = 1 if rpb is None or not one_block else max(1, min(32, BP * NH // 4096))
+    parts = 1 if bias is None or not one_block else max(1, min(32, BP * NH // 4096))
     grid_ = (triton.cdiv(BP, parts), NH * triton.cdiv(N, BLOCK_N))
     _pa_bwd[grid_](
-        q, k, v, out, do, lse, _bias_tile(rpb, ph, pw, n_pad, q), dq, dk, dv, dbias,
+        q, k, v, out, do, lse, q if bias is None else bias, dq, dk, dv, dq if dbias is None else dbias,
         *_strides(q), *_strides(k), *_strides(v),
         BP, NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
-        D=D, GRID=grid, HAS_RPB=rpb is not None, DOT_PRECISION=_precision(q),
-        PARTS=parts, ONE_BLOCK=one_block, N_PAD=n_pad,
+        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=_precision(q),
+        PARTS=parts, ONE_BLOCK=one_block, N_PAD=tile_size(N),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **BWD_LAUNCH)
-    if rpb is None:
-        drpb = q.new_empty(0)
-    else:
-        drpb = _bias_to_table(dbias[:, :N, :N], ph, pw).to(rpb.dtype)
-    return dq.to(q.dtype), dk, dv, drpb
-
-
-def _bias_to_table(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """Sum a [heads, N, N] logit gradient into the [heads, 2ph-1, 2pw-1] table by key − query offset."""
-    table = torch.zeros(dbias.shape[0], (2 * ph - 1) * (2 * pw - 1), dtype=dbias.dtype, device=dbias.device)
-    table.index_add_(1, relative_index(ph, pw, dbias.device), dbias.reshape(dbias.shape[0], -1))
-    return table.view(-1, 2 * ph - 1, 2 * pw - 1)
+    return dq.to(q.dtype), dk, dv, dbias
 
 
 def _precision(q: torch.Tensor) -> str:
