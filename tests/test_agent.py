@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo  # noqa: F401  (registers the models)
+from attnzoo.backbones.agent_deit import checkpoint_filter_fn
 from attnzoo.backbones.agent_swin import block_types
 from attnzoo.blocks import set_attention_backend
-from attnzoo.blocks.agent import AgentAttention, agent_attention
+from attnzoo.blocks.agent import AgentAttention, agent_attention, convert_agent_tables
 from attnzoo.blocks.window import PartitionAttention2d
 from tests.helpers import assert_rel_l2
 from tests.parity import create_from_official, load_fixture, official_state_dict, parity_error, save_official_checkpoint
@@ -31,6 +32,16 @@ def _lin(layer: torch.nn.Linear, t: torch.Tensor) -> torch.Tensor:
 
 def _bilinear(t: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def official_tables(m: AgentAttention) -> dict[str, torch.Tensor]:
+    """The block's bias tables in the official layout (broadcast singleton dims restored), float64."""
+    t = {n: getattr(m, n).double() for n in ("an_bias", "na_bias")}
+    t.update(ah_bias=m.ah_bias.double()[None, :, :, :, None], aw_bias=m.aw_bias.double()[None, :, :, None, :],
+             ha_bias=m.ha_bias.double()[None, :, :, None, :], wa_bias=m.wa_bias.double()[None, :, None, :, :])
+    if m.num_prefix_tokens:
+        t.update(ac_bias=m.ac_bias.double()[None, :, :, None], ca_bias=m.ca_bias.double()[None, :, None, :])
+    return t
 
 
 def official_agent_attention(m: AgentAttention, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -62,15 +73,16 @@ def official_agent_attention(m: AgentAttention, x: torch.Tensor, H: int, W: int)
         t = t.reshape(h, p[0], p[1], hw).permute(0, 3, 1, 2)
         return _bilinear(t, ag).reshape(h, hw, A).permute(0, 2, 1)
 
-    pb = to_agents(_bilinear(m.an_bias.double(), (Hk, Wk)).reshape(h, -1, Hk * Wk), Hk * Wk)
-    ah_aw = _bilinear((m.ah_bias + m.aw_bias).double().squeeze(0), (Hk, Wk))
+    t = official_tables(m)
+    pb = to_agents(_bilinear(t["an_bias"], (Hk, Wk)).reshape(h, -1, Hk * Wk), Hk * Wk)
+    ah_aw = _bilinear((t["ah_bias"] + t["aw_bias"]).squeeze(0), (Hk, Wk))
     pb = pb + to_agents(ah_aw.reshape(h, -1, Hk * Wk), Hk * Wk)
-    ab = to_agents(_bilinear(m.na_bias.double(), (H, W)).reshape(h, -1, H * W), H * W).permute(0, 2, 1)
-    ha_wa = (m.ha_bias + m.wa_bias).double().squeeze(0).permute(0, 3, 1, 2)
+    ab = to_agents(_bilinear(t["na_bias"], (H, W)).reshape(h, -1, H * W), H * W).permute(0, 2, 1)
+    ha_wa = (t["ha_bias"] + t["wa_bias"]).squeeze(0).permute(0, 3, 1, 2)
     ab = ab + to_agents(_bilinear(ha_wa, (H, W)).reshape(h, -1, H * W), H * W).permute(0, 2, 1)
     if P:
-        pb = torch.cat([m.ac_bias.double()[0], pb], dim=-1)
-        ab = torch.cat([m.ca_bias.double()[0], ab], dim=-2)
+        pb = torch.cat([t["ac_bias"][0], pb], dim=-1)
+        ab = torch.cat([t["ca_bias"][0], ab], dim=-2)
     scale = d ** -0.5
     agent_v = ((agents * scale) @ k.transpose(-2, -1) + pb).softmax(-1) @ v
     out = (((q * scale) @ agents.transpose(-2, -1) + ab).softmax(-1) @ agent_v).transpose(1, 2).reshape(b, n, c)
@@ -85,8 +97,8 @@ def official_agent_attention(m: AgentAttention, x: torch.Tensor, H: int, W: int)
 
 def _randomize(m: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.5 if p.dim() >= 4 or p.shape[0] == 1 else 0.2)
+        for n, p in m.named_parameters():
+            p.normal_(0, 0.5 if p.dim() >= 4 or n.endswith("_bias") else 0.2)
     return m
 
 
@@ -166,6 +178,49 @@ def test_bias_cache_follows_size_and_parameter_changes():
     m._bias_cache.clear()
     m(xb, (5, 9)).sum().backward()
     assert not m._bias_cache and m.an_bias.grad is not None and m.wa_bias.grad.abs().sum() > 0
+
+
+def test_official_tables_convert_exactly():
+    """Official 5-D/4-D tables are reshaped exactly (values unchanged), this package's layout passes as is,
+    and a table whose singleton dims are not singletons is left for strict loading to report."""
+    m = _randomize(AgentAttention(32, 2, 9, (6, 5), num_prefix_tokens=1))
+    official = {k: v.float() for k, v in official_tables(m).items()}
+    assert {k: v.dim() for k, v in official.items() if k not in ("an_bias", "na_bias")} == \
+        dict(ah_bias=5, aw_bias=5, ha_bias=5, wa_bias=5, ac_bias=4, ca_bias=4)
+    mine = m.state_dict()
+    for sd in (official, mine):
+        out = convert_agent_tables(sd, m)
+        assert all(torch.equal(out[k], mine[k]) for k in official), sorted(k for k in official if k in out)
+    bad = dict(mine, ah_bias=official["ah_bias"].expand(1, 2, 9, 6, 2))
+    with pytest.raises(RuntimeError, match="size mismatch for ah_bias"):
+        m.load_state_dict(convert_agent_tables(bad, m))
+
+
+@pytest.mark.parametrize("name", ["agent_swin_t", "agent_pvt_t", "agent_deit_t"])
+def test_channels_last_keeps_results(name):
+    """``model.to(memory_format=torch.channels_last)`` (timm's --channels-last) works: no parameter is 5-D,
+    the 4-D ones (an/na tables, convs) give the same biases bit for bit and the same outputs, and the
+    bias cache is rebuilt for the moved parameters."""
+    model = timm.create_model(name, num_classes=5).eval()
+    attns = [m for m in model.modules() if isinstance(m, AgentAttention)]
+    with torch.no_grad():
+        for p in (p for m in attns for p in m._bias_params()):
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        before = model(x)
+        biases = [m.compute_biases((9, 7), (9, 7)) for m in attns]
+        assert all(m._bias_cache for m in attns)
+        model.to(memory_format=torch.channels_last)
+        assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+        after = model(x)
+        for m, b in zip(attns, biases):
+            assert all(torch.equal(u, v) for u, v in zip(b, m.compute_biases((9, 7), (9, 7))))
+            assert m._bias_state == tuple((p.data_ptr(), p._version) for p in m._bias_params())
+    assert_rel_l2(after, before, tol=1e-6)
+    model.train()
+    model(x).sum().backward()
+    assert all(m.an_bias.grad is not None and m.ah_bias.grad.abs().sum() > 0 for m in attns)
 
 
 def test_block_types_follow_official_strings():
@@ -275,7 +330,7 @@ def test_agent_swin_blocks_and_windows():
 def test_agent_deit_keys_match_official_definition():
     """Key names and shapes of the official VisionTransformer(AgentBlock ...) for each variant, written out
     from agent_transformer/models/agent_deit.py: agent blocks before ``agent_layer``, agents per block by
-    ``stage_num[i // 2]``, window = 224 // 16."""
+    ``stage_num[i // 2]``, window = 224 // 16. ``checkpoint_filter_fn`` maps them onto this model's shapes."""
     for name, dim, heads, agents, agent_layer in [("agent_deit_t", 192, 3, 49, 12), ("agent_deit_s", 384, 6, 49, 12),
                                                   ("agent_deit_b", 768, 12, 81, 4)]:
         expect = {"cls_token": (1, 1, dim), "pos_embed": (1, 197, dim), "patch_embed.proj.weight": (dim, 3, 16, 16),
@@ -296,8 +351,10 @@ def test_agent_deit_keys_match_official_definition():
                                a + "ha_bias": (1, heads, 14, 1, agents), a + "wa_bias": (1, heads, 1, 14, agents),
                                a + "ac_bias": (1, heads, agents, 1), a + "ca_bias": (1, heads, 1, agents),
                                a + "dwc.weight": (dim, 1, 3, 3), a + "dwc.bias": (dim,)})
-        got = {k: tuple(v.shape) for k, v in timm.create_model(name).state_dict().items()}
-        assert got == expect, name
+        model = timm.create_model(name)
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        mapped = checkpoint_filter_fn({k: torch.empty(s) for k, s in expect.items()}, model)
+        assert {k: tuple(v.shape) for k, v in mapped.items()} == got, name
 
 
 def test_agent_deit_loads_wrapped_checkpoint_and_resizes_pos_embed(tmp_path):
@@ -309,8 +366,8 @@ def test_agent_deit_loads_wrapped_checkpoint_and_resizes_pos_embed(tmp_path):
         assert torch.equal(loaded(x), src(x))
     bigger = create_from_official("agent_deit_t", tmp_path / "deit.pth", img_size=256)
     assert bigger.pos_embed.shape == (1, 1 + 16 * 16, 192)
-    assert bigger.blocks[0].attn.ah_bias.shape == (1, 3, 49, 16, 1)
-    assert bigger.blocks[0].attn.wa_bias.shape == (1, 3, 1, 16, 49)
+    assert bigger.blocks[0].attn.ah_bias.shape == (3, 49, 16)
+    assert bigger.blocks[0].attn.wa_bias.shape == (3, 16, 49)
     feats = timm.create_model("agent_deit_t", features_only=True).eval()
     with torch.no_grad():
         maps = feats(torch.randn(1, 3, 64, 48))

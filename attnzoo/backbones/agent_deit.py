@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from attnzoo.blocks.agent import AgentAttention, resize_agent_tables
+from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentDeit"]
 
@@ -203,7 +203,8 @@ class AgentDeit(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) -> dict[str, torch.Tensor]:
-    """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names. Weights stored for
+    """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names; the agent tables
+    (5-D ``ah/aw/ha/wa``, 4-D ``ac/ca``) lose their singleton dims (exact reshape). Weights stored for
     another grid are resized to the model's: the position embedding bilinearly and the agent tables
     linearly, as the official code does when fine-tuning at another resolution."""
     state_dict = dict(state_dict.get("model", state_dict))
@@ -212,7 +213,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) 
         old = int(round((pe.shape[1] - 1) ** 0.5))
         state_dict["pos_embed"] = resample_abs_pos_embed(pe, list(model.grid_size), [old, old], num_prefix_tokens=1,
                                                          interpolation="bilinear", antialias=False)
-    return resize_agent_tables(state_dict, model)
+    return convert_agent_tables(state_dict, model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeit:

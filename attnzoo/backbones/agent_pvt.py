@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from attnzoo.blocks.agent import AgentAttention, resize_agent_tables
+from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentPvt"]
 
@@ -214,7 +214,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -
     """Map an official Agent-PVT state dict (plain or ``{"model": ...}``) onto :class:`AgentPvt` names.
 
     ``pos_embed{i}``, ``patch_embed{i}.*`` and ``block{i}.{j}.*`` move to ``stages.{i-1}``; the attention,
-    MLP and head names are the official ones. Unknown keys pass through so strict loading reports them.
+    MLP and head names are the official ones; the 5-D agent tables lose their singleton dims (exact
+    reshape). Unknown keys pass through so strict loading reports them.
     Weights stored for another input size are resized to the model's (position embeddings bilinearly,
     agent tables linearly, as the official code does when fine-tuning at another resolution).
     """
@@ -232,7 +233,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -
             pe = F.interpolate(pe.reshape(1, old, old, -1).permute(0, 3, 1, 2), size=stage.grid_size,
                                mode="bilinear", align_corners=False)
             out[f"stages.{i}.pos_embed"] = pe.flatten(2).transpose(1, 2)
-    return resize_agent_tables(out, model)
+    return convert_agent_tables(out, model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPvt:

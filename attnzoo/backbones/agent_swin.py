@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from attnzoo.blocks.agent import AgentAttention, resize_agent_tables
+from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 from attnzoo.blocks.window import PartitionAttention2d
 
 __all__ = ["AgentSwinTransformer"]
@@ -241,12 +241,13 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTr
     ``layers.{i}.downsample`` moves to ``layers.{i+1}.downsample``; Swin bias tables ``[(2w-1)², heads]``
     (query − key) become ``[heads, 2w-1, 2w-1]`` (key − query); the index tables and shift masks the
     official blocks store are dropped (recomputed). Other keys keep their official names, and unknown keys
-    pass through so strict loading reports them. Agent tables stored for another map size are resized
-    linearly, as the official code does when fine-tuning at another resolution.
+    pass through so strict loading reports them. The 5-D agent tables lose their singleton dims (exact
+    reshape, :func:`attnzoo.blocks.agent.convert_agent_tables`) and, when stored for another map size,
+    are resized linearly, as the official code does when fine-tuning at another resolution.
     """
     state_dict = state_dict.get("model", state_dict)
     if not any(k.startswith("layers.0.downsample.") for k in state_dict):
-        return resize_agent_tables(state_dict, model)  # already in this model's layout (no stage-0 downsample)
+        return convert_agent_tables(state_dict, model)  # this model's names already (no stage-0 downsample)
     out = {}
     for k, v in state_dict.items():
         if k.endswith("relative_position_index") or re.match(r"^layers\.\d+\.blocks\.\d+\.attn_mask$", k):
@@ -256,7 +257,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTr
             heads, side = v.shape[1], int(round(v.shape[0] ** 0.5))
             v = v.T.reshape(heads, side, side).flip(1, 2)
         out[k] = v
-    return resize_agent_tables(out, model)
+    return convert_agent_tables(out, model)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:

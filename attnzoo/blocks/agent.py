@@ -10,9 +10,18 @@ Both attentions run on PyTorch's fused ``scaled_dot_product_attention`` with the
 bias), so no ``[tokens, agents]`` probability matrix is written out. ``backend="reference"`` is the
 explicit, unfused math the official code runs; ``benchmarks/agent_attention.py`` times the two.
 
-Resizing rule (any input size). The official tables are stored for the map the model was trained at:
-``an_bias``/``na_bias`` as ``[heads, agents, 7, 7]`` (always bilinearly resized to the map),
-``ah/aw`` for the key map and ``ha/wa`` for the query map. For another map size the summed
+Parameter layout. ``an_bias``/``na_bias`` are ``[heads, agents, 7, 7]`` as in the official code; the
+axial tables drop the official broadcast singleton dims: ``ah_bias [heads, agents, Hk]``,
+``aw_bias [heads, agents, Wk]``, ``ha_bias [heads, H, agents]``, ``wa_bias [heads, W, agents]`` (official
+``[1, heads, agents, Hk, 1]``, ``[1, heads, agents, 1, Wk]``, ``[1, heads, H, 1, agents]``,
+``[1, heads, 1, W, agents]``) and the cls biases are ``ac_bias``/``ca_bias [heads, agents]`` (official
+``[1, heads, agents, 1]``/``[1, heads, 1, agents]``). No parameter is 5-D, so
+``model.to(memory_format=torch.channels_last)`` works; :func:`convert_agent_tables` maps official
+checkpoints exactly.
+
+Resizing rule (any input size). The tables are stored for the map the model was trained at:
+``an_bias``/``na_bias`` always bilinearly resized to the map, ``ah/aw`` for the key map and ``ha/wa``
+for the query map. For another map size the summed
 ``ah + aw`` (``ha + wa``) table is resized bilinearly (``align_corners=False``) to the actual map, and
 when the agent grid differs from the trained ``sqrt(agent_num)`` grid (``agent_shape``, the official
 dense backbones' ``downstream_agent_shapes``) every bias is also resized bilinearly over the agent grid.
@@ -118,13 +127,13 @@ class AgentAttention(nn.Module):
         kh, kw = self.bias_size[0] // sr_ratio, self.bias_size[1] // sr_ratio
         self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
         self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
-        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, kh, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, kw))
-        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, self.bias_size[0], 1, agent_num))
-        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, self.bias_size[1], agent_num))
+        self.ah_bias = nn.Parameter(torch.zeros(num_heads, agent_num, kh))
+        self.aw_bias = nn.Parameter(torch.zeros(num_heads, agent_num, kw))
+        self.ha_bias = nn.Parameter(torch.zeros(num_heads, self.bias_size[0], agent_num))
+        self.wa_bias = nn.Parameter(torch.zeros(num_heads, self.bias_size[1], agent_num))
         if num_prefix_tokens:
-            self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1))
-            self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, 1, agent_num))
+            self.ac_bias = nn.Parameter(torch.zeros(num_heads, agent_num))
+            self.ca_bias = nn.Parameter(torch.zeros(num_heads, agent_num))
         for p in self._bias_params():
             trunc_normal_(p, std=0.02)
 
@@ -157,13 +166,15 @@ class AgentAttention(nn.Module):
     def compute_biases(self, size: tuple[int, int], kv_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Agent→key bias ``[h, A, prefix + Hk*Wk]`` and query→agent bias ``[h, prefix + H*W, A]``."""
         h = self.num_heads
-        key_bias = _resize(self.an_bias, kv_size) + _resize((self.ah_bias + self.aw_bias)[0], kv_size)
+        axial_k = self.ah_bias[:, :, :, None] + self.aw_bias[:, :, None, :]  # [h, A, Hk, Wk]
+        key_bias = _resize(self.an_bias, kv_size) + _resize(axial_k, kv_size)
         key_bias = self._resize_agents(key_bias.flatten(2).transpose(1, 2)).transpose(1, 2)  # [h, A, Nk]
-        query_bias = _resize(self.na_bias, size) + _resize((self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), size)
+        axial_q = (self.ha_bias[:, :, None, :] + self.wa_bias[:, None, :, :]).permute(0, 3, 1, 2)  # [h, A, H, W]
+        query_bias = _resize(self.na_bias, size) + _resize(axial_q, size)
         query_bias = self._resize_agents(query_bias.flatten(2).transpose(1, 2))  # [h, N, A]
         if self.num_prefix_tokens:
-            ac = self._resize_agents(self.ac_bias[0].transpose(1, 2)).transpose(1, 2)  # [h, A, 1]
-            ca = self._resize_agents(self.ca_bias[0])  # [h, 1, A]
+            ac = self._resize_agents(self.ac_bias[:, None, :]).transpose(1, 2)  # [h, A, 1]
+            ca = self._resize_agents(self.ca_bias[:, None, :])  # [h, 1, A]
             key_bias = torch.cat([ac.expand(h, -1, 1), key_bias], dim=2)
             query_bias = torch.cat([ca, query_bias], dim=1)
         return key_bias, query_bias
@@ -231,20 +242,32 @@ class AgentAttention(nn.Module):
                 f"num_prefix_tokens={self.num_prefix_tokens}")
 
 
-_TABLE_AXIS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}  # the map axis of each 5-D table
+# Agent bias tables whose official layout carries broadcast singleton dims: official rank, those dims
+# (squeezed here), and the map axis of the squeezed table (None: no map axis).
+_OFFICIAL_TABLES = {"ah_bias": (5, (0, 4), 2), "aw_bias": (5, (0, 3), 2), "ha_bias": (5, (0, 3), 1),
+                    "wa_bias": (5, (0, 2), 1), "ac_bias": (4, (0, 3), None), "ca_bias": (4, (0, 2), None)}
 
 
-def resize_agent_tables(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resize ``ah/aw/ha/wa`` tables stored for another map size to ``model``'s, linearly
-    (align_corners=False) along the map axis: the official rule for fine-tuning at another resolution.
-    Tables whose heads or agents differ are left alone, so strict loading reports them."""
+def convert_agent_tables(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Bring agent bias tables of an official (or this package's) state dict to ``model``'s parameters.
+
+    Official tables (``ah/aw/ha/wa`` 5-D, ``ac/ca`` 4-D) lose their broadcast singleton dims (an exact
+    reshape); tables stored for another map size are then resized linearly (align_corners=False) along
+    the map axis, the official rule for fine-tuning at another resolution. Tables whose other dims do
+    not fit (heads, agents, a non-singleton "singleton") are left alone, so strict loading reports them.
+    """
     target = model.state_dict()
     out = dict(state_dict)
     for k, v in state_dict.items():
-        axis = _TABLE_AXIS.get(k.rsplit(".", 1)[-1])
-        if axis is None or k not in target or v.shape == target[k].shape or v.dim() != 5:
+        spec = _OFFICIAL_TABLES.get(k.rsplit(".", 1)[-1])
+        if spec is None or k not in target:
             continue
+        rank, singleton, axis = spec
+        if v.dim() == rank and all(v.shape[d] == 1 for d in singleton):
+            v = out[k] = v.squeeze(singleton)
         want = target[k].shape
+        if axis is None or v.dim() != len(want) or v.shape == want:
+            continue
         if [s for i, s in enumerate(v.shape) if i != axis] != [s for i, s in enumerate(want) if i != axis]:
             continue
         t = v.movedim(axis, -1)
