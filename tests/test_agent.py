@@ -180,6 +180,19 @@ def test_bias_cache_follows_size_and_parameter_changes():
     assert not m._bias_cache and m.an_bias.grad is not None and m.wa_bias.grad.abs().sum() > 0
 
 
+def test_bias_cache_made_in_inference_mode_serves_frozen_training():
+    """Frozen biases (dense ``frozen_stages``) use the cache while training; entries made during an
+    ``inference_mode`` evaluation must be ordinary tensors, which autograd may save for backward."""
+    m = _randomize(AgentAttention(32, 2, 9, (8, 8)))
+    for p in m._bias_params():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        m(torch.randn(1, 64, 32), (8, 8))
+    hit = m._biases((8, 8), (8, 8), torch.float32, torch.device("cpu"))
+    assert hit is m._bias_cache[((8, 8), (8, 8), m.agent_shape, torch.float32, torch.device("cpu"))]
+    assert not any(torch.is_inference(t) or t.requires_grad for t in hit)
+
+
 def test_official_tables_convert_exactly():
     """Official 5-D/4-D tables are reshaped exactly (values unchanged), this package's layout passes as is,
     and a table whose singleton dims are not singletons is left for strict loading to report."""

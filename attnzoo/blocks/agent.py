@@ -28,10 +28,11 @@ dense backbones' ``downstream_agent_shapes``) every bias is also resized bilinea
 This is exactly what the official detection/segmentation backbones compute, and at the trained size it
 is the identity, so classification checkpoints reproduce the official logits.
 
-Bias cache. The resized biases are cached per (map size, key-map size, dtype, device) and reused only
-when no graph is being recorded for them (inference, or frozen biases); the cache is dropped whenever a
-bias parameter changes in place (optimizer step, ``load_state_dict``) or moves (``.to()``), so it can
-never serve stale values. Training recomputes them once per forward, which is cheap next to the
+Bias cache. The resized biases are cached per (map size, key-map size, agent grid, dtype, device) and
+reused only when no graph is being recorded for them (inference, or frozen biases); the cache is dropped
+whenever a bias parameter changes in place (optimizer step, ``load_state_dict``) or moves (``.to()``,
+including ``memory_format=torch.channels_last``, which leaves the values unchanged), so it can never
+serve stale values. Entries are ordinary tensors even when made under ``torch.inference_mode``. Training recomputes them once per forward, which is cheap next to the
 attention itself.
 """
 from __future__ import annotations
@@ -192,7 +193,9 @@ class AgentAttention(nn.Module):
         key = (tuple(size), tuple(kv_size), self.agent_shape, dtype, device)
         hit = self._bias_cache.get(key)
         if hit is None:
-            hit = tuple(t.detach().to(dtype) for t in self.compute_biases(size, kv_size))
+            # ordinary tensors even under inference_mode, so a later (frozen-bias) training step can save them
+            with torch.inference_mode(False), torch.no_grad():
+                hit = tuple(t.to(dtype) for t in self.compute_biases(size, kv_size))
             self._bias_cache[key] = hit
             while len(self._bias_cache) > _CACHE_SIZE:
                 self._bias_cache.popitem(last=False)
