@@ -1,9 +1,13 @@
-"""Bi-level routing attention: fused Triton kernel vs the gather reference, dense SDPA and FlexAttention.
+"""Bi-level routing attention: fused Triton kernel and masked dense SDPA vs the gather reference, dense SDPA
+over all tokens and FlexAttention.
 
 bf16, forward and forward+backward medians (``time_ms``), peak memory of forward+backward, BiFormer-S
 stages at 224² (batch 128, head dim 32, 7x7 regions) and 128²/256² maps at batch 8 (8x8 regions,
 top-k 8). FlexAttention runs on region-major token order (each region's tokens contiguous, permutation not
 timed) with a BlockMask from the same region index; block mask construction is not timed either.
+"dense (masked sdpa)" is ``routed_attention(backend="dense")`` (bias construction timed); "auto" is the
+whole ``bra(backend="auto")`` (routing included; its note names the path the rule chose); "routing" times
+``route_regions`` alone (forward only).
 
     python -m benchmarks.bra [--quick] [--sweep] [--out DIR]
 """
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels import bra_triton
+from attnzoo.kernels.bra import choose_backend, choose_deterministic
 from attnzoo.kernels.bra_reference import region_partition, route_regions
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
 
@@ -94,6 +99,16 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
     methods["triton"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, False)[0], leaves, grad)
     methods["triton det"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, True)[0], leaves, grad)
     methods["bra (routing + triton)"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="triton"), leaves, grad)
+    bias_bytes = B * N * N * q.element_size()
+    if bias_bytes < 0.1 * (torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34):
+        methods["dense (masked sdpa)"] = (
+            lambda q, k, v: routed_attention(q, k, v, index, n_win, backend="dense"), leaves, grad)
+    else:
+        methods["dense (masked sdpa)"] = f"skipped: the B*N^2 bias alone is {bias_bytes / 2**30:.0f} GiB"
+    methods["auto"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="auto"), leaves, grad)
+    chosen = choose_backend("auto", q, n_win)
+    if chosen == "triton":
+        chosen += " det" if choose_deterministic(None, T) else " atomics"
     memory = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34
     if reference_bytes(B, H, W, heads, D, n_win, topk) < 0.6 * memory:
         methods["gather ref"] = (lambda q, k, v: routed_attention(q, k, v, index, n_win, backend="reference"),
@@ -120,13 +135,16 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
             ref = routed_attention(q.float(), k.float(), v.float(), index, n_win, backend="reference")
         base["rel_l2_vs_fp32_ref"] = float((out.float() - ref).norm() / ref.norm())
         del ref
+    if time.time() < deadline:
+        routing_ms = time_ms(lambda: route_regions(q, k, n_win, topk, D ** -0.5))
+        report.add(**base, method="routing", fwd_ms=routing_ms, note="route_regions alone, forward only")
     for method, m in methods.items():
-        row = dict(base, method=method)
+        row = dict(base, method=method, note=f"chose {chosen}" if method == "auto" else None)
         if isinstance(m, str):
-            report.add(**row, note=m)
+            report.add(**dict(row, note=m))
             continue
         if time.time() > deadline:
-            report.add(**row, note="skipped: benchmark time budget spent")
+            report.add(**dict(row, note="skipped: benchmark time budget spent"))
             continue
         fn, ls, g = m
         try:

@@ -28,16 +28,16 @@ def region_reverse(x: torch.Tensor, n_win: int, H: int, W: int) -> torch.Tensor:
     return x.reshape(B, H, W, nh, D)
 
 
-def _region_means(x: torch.Tensor, n_win: int) -> torch.Tensor:
-    """Means of ``x`` over each region on the flattened ``heads * D`` channels: ``[B, R, heads * D]``.
+def _region_sums(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """Sums of ``x`` over each region on the flattened ``heads * D`` channels: ``[B, R, heads * D]``.
 
-    Two contiguous reductions (rows, then columns) accumulated in at least float32, with no upcast copy.
+    One strided reduction over the rows and columns of each region (views only, so a q/k slice of a
+    fused qkv tensor is not copied), accumulated in at least float32.
     """
     B, H, W = x.shape[:3]
-    rh, rw = H // n_win, W // n_win
-    acc = torch.promote_types(x.dtype, torch.float32)
-    rows = x.reshape(B, n_win, rh, W, -1).sum(2, dtype=acc)  # [B, n_win, W, C]
-    return rows.reshape(B, n_win * n_win, rw, -1).sum(2) / (rh * rw)
+    x = x.unflatten(2, (n_win, W // n_win)).unflatten(1, (n_win, H // n_win))  # [B, i, a, j, c, heads, D]
+    sums = x.sum(dim=(2, 4), dtype=torch.promote_types(x.dtype, torch.float32))  # [B, i, j, heads, D]
+    return sums.reshape(B, n_win * n_win, -1)
 
 
 @torch.no_grad()
@@ -47,10 +47,13 @@ def route_regions(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, routi
     Region queries/keys are the means of ``q``/``k`` over each region on the full ``heads * D`` channel
     vector (as BiFormer routes); affinity ``(q_r * routing_scale) @ k_r^T``; ``torch.topk`` picks the
     regions, so the index is sorted by decreasing affinity. Computed in at least float32 so that every
-    backend routes identically; no gradient flows through routing.
+    backend routes identically; no gradient flows through routing. Four kernels, no host sync: two region
+    sums, one product whose ``alpha`` folds the means' ``1 / T`` and ``routing_scale``, and the top-k.
     """
-    q_r, k_r = _region_means(q, n_win), _region_means(k, n_win)  # [B, R, heads * D]
-    affinity = (q_r * routing_scale) @ k_r.transpose(1, 2)  # [B, R, R]
+    T = (q.shape[1] // n_win) * (q.shape[2] // n_win)
+    q_s, k_s = _region_sums(q, n_win), _region_sums(k, n_win)  # [B, R, heads * D]
+    affinity = torch.baddbmm(q_s.new_empty(q_s.shape[0], q_s.shape[1], k_s.shape[1]), q_s, k_s.transpose(1, 2),
+                             beta=0, alpha=routing_scale / (T * T))  # [B, R, R]
     return torch.topk(affinity, k=topk, dim=-1).indices
 
 

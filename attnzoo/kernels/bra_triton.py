@@ -69,7 +69,7 @@ def _bra_fwd_kernel(
         # routed region idx[n // T], located in the map by index (no gathered copy).
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_keys
-        key_region = tl.load(idx_row + offs_n // T, mask=mask_n, other=0)
+        key_region = tl.load(idx_row + offs_n // T, mask=mask_n, other=0).to(tl.int32)
         tok_k = _token_offsets(key_region, offs_n % T, n_win, RH, RW, skh, skw)
         tok_v = _token_offsets(key_region, offs_n % T, n_win, RH, RW, svh, svw)
         kT = tl.load(K + b * skb + h * skn + tok_k[None, :] + offs_d[:, None] * skd,
@@ -150,7 +150,7 @@ def _bra_bwd_dq_kernel(
         # Key tile: entries of the routed key list, as in the forward.
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_keys
-        key_region = tl.load(idx_row + offs_n // T, mask=mask_n, other=0)
+        key_region = tl.load(idx_row + offs_n // T, mask=mask_n, other=0).to(tl.int32)
         tok_k = _token_offsets(key_region, offs_n % T, n_win, RH, RW, skh, skw)
         tok_v = _token_offsets(key_region, offs_n % T, n_win, RH, RW, svh, svw)
         kT = tl.load(K + b * skb + h * skn + tok_k[None, :] + offs_d[:, None] * skd,
@@ -222,7 +222,7 @@ def _bra_bwd_dkdv_kernel(
         # Query tile: entry m of the inverted list is token m % T of query region InvQ[start + m // T].
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n_queries
-        q_region = tl.load(InvQ + b * R * TOPK + start + offs_m // T, mask=mask_m, other=0)
+        q_region = tl.load(InvQ + b * R * TOPK + start + offs_m // T, mask=mask_m, other=0).to(tl.int32)
         tok_q = _token_offsets(q_region, offs_m % T, n_win, RH, RW, sqh, sqw)
         tok_g = _token_offsets(q_region, offs_m % T, n_win, RH, RW, sgh, sgw)
         row = b * (n_win * RH) * W * n_heads + h + _token_offsets(q_region, offs_m % T, n_win, RH, RW,
@@ -281,7 +281,7 @@ def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, regi
     """Output ``[B, H, W, heads, Dv]`` and log-sum-exp ``[B, H, W, heads]`` (fp32)."""
     B, H, W, n_heads, D = q.shape
     RH, RW, Dv, topk = H // n_win, W // n_win, v.shape[-1], region_index.shape[-1]
-    idx = region_index.to(torch.int32).contiguous()
+    idx = region_index.contiguous()  # int32 or int64 (topk's output, no conversion kernel)
     out = torch.empty((*q.shape[:-1], Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     config = kernel_config("fwd", RH * RW, D, Dv)
@@ -295,17 +295,16 @@ def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, regi
 def invert_region_index(region_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key region, the query regions routed to it, in increasing order.
 
-    Returns ``inv_q`` ``[B, R * topk]`` int32 (query regions grouped by key region) and ``inv_start``
+    Returns ``inv_q`` ``[B, R * topk]`` int64 (query regions grouped by key region) and ``inv_start``
     ``[B, R + 1]`` int32 (group ``r`` is ``inv_q[b, inv_start[b, r]:inv_start[b, r + 1]]``). A stable sort
-    fixes the order, so the dk/dv sums are reproducible.
+    fixes the order, so the dk/dv sums are reproducible. Built only for the deterministic backward: a
+    sort, a division and a searchsorted, no host sync.
     """
     B, R, topk = region_index.shape
-    flat = region_index.reshape(B, R * topk).long()
-    sorted_keys, order = torch.sort(flat, dim=1, stable=True)
-    inv_q = (order // topk).to(torch.int32).contiguous()
-    bounds = torch.arange(R + 1, device=flat.device).expand(B, R + 1).contiguous()
-    inv_start = torch.searchsorted(sorted_keys, bounds).to(torch.int32).contiguous()
-    return inv_q, inv_start
+    sorted_keys, order = torch.sort(region_index.reshape(B, R * topk), dim=1, stable=True)
+    bounds = torch.arange(R + 1, dtype=sorted_keys.dtype, device=sorted_keys.device).expand(B, R + 1)
+    inv_start = torch.searchsorted(sorted_keys, bounds.contiguous(), out_int32=True)
+    return order.div_(topk, rounding_mode="floor"), inv_start
 
 
 def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -316,7 +315,7 @@ def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     RH, RW, Dv, topk = H // n_win, W // n_win, v.shape[-1], region_index.shape[-1]
     R, T = n_win * n_win, RH * RW
     q, k, v = (_dense(t) for t in (q, k, v))
-    idx = region_index.to(torch.int32).contiguous()
+    idx = region_index.contiguous()
     dq = torch.empty_like(q)
     prec = _precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
