@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.maxxvit import grid_partition, grid_reverse, window_partition, window_reverse
 
-from attnzoo.kernels.partitioned_attention import partitioned_attention
+from attnzoo.kernels.partitioned_attention import _auto_prefers_sdpa, partitioned_attention
 from attnzoo.kernels.partitioned_attention_reference import partition_mask, rpb_bias
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
 
@@ -73,10 +73,11 @@ def timm_path(qkv: torch.Tensor, heads: int, mode: str, shift: int, rpb: torch.T
     return torch.roll(o, (shift, shift), (1, 2)) if shift else o
 
 
-def kernel_path(qkv: torch.Tensor, heads: int, mode: str, shift: int, rpb: torch.Tensor | None) -> torch.Tensor:
+def kernel_path(qkv: torch.Tensor, heads: int, mode: str, shift: int, rpb: torch.Tensor | None,
+                backend: str = "triton") -> torch.Tensor:
     B, H, W, C3 = qkv.shape
     q, k, v = qkv.view(B, H, W, 3, heads, -1).unbind(3)
-    return partitioned_attention(q, k, v, 7, mode=mode, shift=shift, rpb=rpb, backend="triton").reshape(B, H, W, -1)
+    return partitioned_attention(q, k, v, 7, mode=mode, shift=shift, rpb=rpb, backend=backend).reshape(B, H, W, -1)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,8 +116,13 @@ def bench_case(rep: Report, case, ceilings: dict[str, float]) -> None:
             row[f"{name}_fwd_ms"] = time_ms(fn)
         row[f"{name}_fb_ms"] = time_ms(fwd_bwd(fn, leaves, grad))
         row[f"{name}_fb_mib"] = peak_memory_mib(fwd_bwd(fn, leaves, grad))
+    # backend="auto": the kernel, or SDPA where partitioned_attention's named rule prefers it
+    auto_sdpa = _auto_prefers_sdpa(qkv.view(B, H, W, 3, heads, D)[:, :, :, 0], (7, 7), (shift, shift), rpb)
+    row["auto_path"] = ("sdpa" if auto_sdpa else "triton") if DEVICE == "cuda" else "reference"
+    row["auto_fb_ms"] = time_ms(fwd_bwd(lambda: kernel_path(qkv, heads, mode, shift, rpb, "auto"), leaves, grad))
     row["fwd_speedup"] = row["timm_fwd_ms"] / row["kernel_fwd_ms"]
     row["fb_speedup"] = row["timm_fb_ms"] / row["kernel_fb_ms"]
+    row["auto_fb_speedup"] = row["timm_fb_ms"] / row["auto_fb_ms"]
     if ceilings:
         floor_fwd = max(n["fwd_flops"] / ceilings["tflops"] / 1e9, n["fwd_bytes"] / ceilings["gbs"] / 1e6)
         floor_fb = max(n["fb_flops"] / ceilings["tflops"] / 1e9, n["fb_bytes"] / ceilings["gbs"] / 1e6)

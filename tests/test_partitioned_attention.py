@@ -321,3 +321,27 @@ def test_compiled_graph_uses_custom_op_and_matches_eager():
     torch.testing.assert_close(out_c, out, rtol=0, atol=0)
     for g_c, g in zip(grads_c, grads):
         torch.testing.assert_close(g_c, g, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[:4] + [(2, 14, 7, 2, 8, (7, 7), "window", (0, 0), False)])
+def test_sdpa_backend_matches_brute_force(case):
+    """backend="sdpa" (partition copies + SDPA in the input dtype) is exact: fp32 vs the float64 definition."""
+    B, H, W, nh, D, part, mode, shift, use_rpb = case
+    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    q, k, v = torch.randn(3, B, H, W, nh, D, generator=g).unbind(0)
+    rpb = torch.randn(nh, 2 * part[0] - 1, 2 * part[1] - 1, generator=g) if use_rpb else None
+    out = partitioned_attention(q, k, v, part, mode=mode, shift=shift, rpb=rpb, backend="sdpa")
+    assert_rel_l2(out, brute_force(q, k, v, part, mode, shift, rpb), None, "out")
+
+
+def test_auto_rule_prefers_sdpa_only_for_small_unbiased_unshifted_maps():
+    from attnzoo.kernels.partitioned_attention import SDPA_MAX_PARTITIONS, _auto_prefers_sdpa
+
+    def prefers(H, W, shift=(0, 0), rpb=False):
+        q = torch.empty(1, H, W, 2, 8)
+        return _auto_prefers_sdpa(q, (7, 7), shift, torch.empty(2, 13, 13) if rpb else None)
+
+    assert SDPA_MAX_PARTITIONS == 4
+    assert prefers(7, 7) and prefers(14, 14)  # DaViT-T stages 4 and 3
+    assert not prefers(28, 28) and not prefers(56, 56)  # stages 1-2: the kernel
+    assert not prefers(14, 14, rpb=True) and not prefers(14, 14, shift=(3, 3)) and not prefers(13, 14)

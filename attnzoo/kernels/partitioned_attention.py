@@ -94,13 +94,17 @@ def partitioned_attention(
         shift: Swin's cyclic shift (window mode only), each ``< partition_size``.
         rpb: relative-position-bias table ``[heads, 2ph-1, 2pw-1]`` (key − query offsets) or None.
         scale: logit scale, default ``head_dim ** -0.5``.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``attnzoo.kernels._dispatch``).
+        backend: ``"auto"``, ``"triton"``, ``"reference"`` (see ``attnzoo.kernels._dispatch``) or ``"sdpa"``:
+            timm's route, partition copies + PyTorch's fused SDPA (the reference's code, in q's dtype).
+            ``"auto"`` on CUDA takes ``"sdpa"`` where :func:`_auto_prefers_sdpa` says so, else Triton.
 
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype.
     """
     part, shift = _check(q, k, v, partition_size, mode, shift, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "sdpa" or (backend == "auto" and q.is_cuda and _auto_prefers_sdpa(q, part, shift, rpb)):
+        return partitioned_attention_reference(q, k, v, part, mode, shift, rpb, scale)
     if resolve_backend(backend, q.device, _OP) == "reference":
         return partitioned_attention_reference(q, k, v, part, mode, shift, rpb, scale)
     if q.dtype not in _TRITON_DTYPES:
@@ -143,6 +147,21 @@ class _PartitionedAttention(torch.autograd.Function):
         dq, dk, dv, dbias = backward(dout, q, k, v, bias, out, lse, *ctx.cfg)
         drpb = None if dbias is None else fold_bias_grad(dbias, *ctx.cfg[:2]).to(ctx.rpb_dtype)
         return dq, dk, dv, drpb, None
+
+
+SDPA_MAX_PARTITIONS = 4  # partitions per image up to which "auto" prefers SDPA (see _auto_prefers_sdpa)
+
+
+def _auto_prefers_sdpa(q: torch.Tensor, part: tuple[int, int], shift: tuple[int, int],
+                       rpb: Optional[torch.Tensor]) -> bool:
+    """The one case where timm's partition + SDPA path measured faster than the fused kernel (H200, bf16,
+    B128, fwd+bwd; benchmarks/NOTES_partitioned_attention.md): no bias, no shift, no padding, and at
+    most ``SDPA_MAX_PARTITIONS`` partitions per image (DaViT-T stages 3-4: 14² and 7² maps). There SDPA
+    runs unmasked flash attention and the partition copies are tiny, while the kernel pays its fixed
+    Triton-launch host cost. Maps with a bias, a shift or padding keep the kernel, which was faster."""
+    H, W = q.shape[1:3]
+    return (rpb is None and not any(shift) and H % part[0] == 0 and W % part[1] == 0
+            and (H // part[0]) * (W // part[1]) <= SDPA_MAX_PARTITIONS)
 
 
 @torch.library.custom_op("attnzoo::partitioned_attention_fwd", mutates_args=())
@@ -194,4 +213,4 @@ def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor):
 
 _pa_forward.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["partitioned_attention", "MODES"]
+__all__ = ["partitioned_attention", "MODES", "SDPA_MAX_PARTITIONS"]

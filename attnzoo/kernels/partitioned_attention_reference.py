@@ -1,4 +1,5 @@
-"""Pure-PyTorch partitioned attention: the reference every other backend is tested against.
+"""Pure-PyTorch partitioned attention: the reference every other backend is tested against, and the
+``backend="sdpa"`` path (timm's route: partition copies + PyTorch's fused SDPA).
 
 It materialises what the Triton kernel only indexes: the map is zero-padded to a multiple of the
 partition, cyclically shifted (window mode), cut into partitions, and PyTorch's SDPA runs per partition
@@ -103,7 +104,8 @@ def partitioned_attention_reference(
     Hp, Wp = padded_size(H, ph), padded_size(W, pw)
 
     def prep(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+        if Hp != H or Wp != W:
+            t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
         if any(shift):
             t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         return _partition(t, partition_size, mode).transpose(2, 3)  # [B, nP, heads, N, D]
@@ -115,7 +117,11 @@ def partitioned_attention_reference(
         allowed = allowed | ~allowed.any(-1, keepdim=True)  # padded queries: any finite row, discarded below
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
         bias = mask[:, None] if bias is None else bias + mask[:, None]  # [nP, heads or 1, N, N]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)  # [B, nP, heads, N, D]
+    if bias is None or bias.dim() == 3:  # one batch dim: SDPA's fused (flash / memory-efficient) kernels take 4-D
+        out = F.scaled_dot_product_attention(qp.flatten(0, 1), kp.flatten(0, 1), vp.flatten(0, 1), attn_mask=bias,
+                                             scale=scale).view(qp.shape)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)  # [B, nP, heads, N, D]
     out = _unpartition(out.transpose(2, 3), partition_size, mode, Hp, Wp)
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=(1, 2))
