@@ -5,7 +5,8 @@ bf16, forward and forward+backward medians (``time_ms``), peak memory of forward
 stages at 224² (batch 128, head dim 32, 7x7 regions) and 128²/256² maps at batch 8 (8x8 regions,
 top-k 8). FlexAttention runs on region-major token order (each region's tokens contiguous, permutation not
 timed) with a BlockMask from the same region index; block mask construction is not timed either.
-"dense (masked sdpa)" is ``routed_attention(backend="dense")`` (bias construction timed); "auto" is the
+"dense (masked sdpa)" is ``routed_attention(backend="dense")`` without its index range check, like the
+"triton" rows (bias construction timed); "auto" is the
 whole ``bra(backend="auto")`` (routing included; its note names the path the rule chose); "routing" times
 ``route_regions`` alone (forward only).
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels import bra_triton
 from attnzoo.kernels.bra import choose_backend, choose_deterministic
+from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import region_partition, route_regions
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
 
@@ -102,11 +104,11 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
     bias_bytes = B * N * N * q.element_size()
     if bias_bytes < 0.1 * (torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34):
         methods["dense (masked sdpa)"] = (
-            lambda q, k, v: routed_attention(q, k, v, index, n_win, backend="dense"), leaves, grad)
+            lambda q, k, v: routed_attention_dense(q, k, v, index, n_win, scale), leaves, grad)
     else:
         methods["dense (masked sdpa)"] = f"skipped: the B*N^2 bias alone is {bias_bytes / 2**30:.0f} GiB"
     methods["auto"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="auto"), leaves, grad)
-    chosen = choose_backend("auto", q, n_win)
+    chosen = choose_backend("auto", q, n_win, topk)
     if chosen == "triton":
         chosen += " det" if choose_deterministic(None, T) else " atomics"
     memory = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34

@@ -138,23 +138,29 @@ def test_routing_and_bias_are_few_ops_without_host_sync():
 
 
 def test_dense_rule():
-    """Dense iff N <= DENSE_MAX_TOKENS and the B*N^2 bias fits DENSE_MAX_BIAS_BYTES."""
-    n_max, cap = bra_module.DENSE_MAX_TOKENS, bra_module.DENSE_MAX_BIAS_BYTES
-    assert dense_predicted_faster(128, 14, 14, 2)  # BiFormer-S stage 3 at 224², batch 128, bf16
-    assert not dense_predicted_faster(128, 56, 56, 2)  # stage 1
-    assert not dense_predicted_faster(1, 1, n_max + 1, 2)
-    assert dense_predicted_faster(1, 1, n_max, 2)
-    big_b = cap // (2 * 196 * 196) + 1
-    assert not dense_predicted_faster(big_b, 14, 14, 2)
-    assert dense_predicted_faster(big_b - 1, 14, 14, 2)
+    """Dense iff the B*N^2 bias fits and N <= ratio * routed keys (tiny regions weighted), on the measured
+    H200 shapes of the module doc."""
+    m = bra_module
+    assert dense_predicted_faster(128, 14, 14, 7, 16, 2)  # BiFormer-S stage 3: 2x2 regions, 196 vs 64 keys
+    assert dense_predicted_faster(128, 20, 20, 10, 16, 2)  # 2x2 regions, 400 vs 64 keys
+    assert not dense_predicted_faster(128, 28, 28, 7, 4, 2)  # stage 2: 4x4 regions, 784 vs 64 keys
+    assert not dense_predicted_faster(128, 56, 56, 7, 1, 2)  # stage 1
+    assert not dense_predicted_faster(8, 128, 128, 8, 8, 2)  # detection-size map
+    # Boundary of the ratio, regions of T >= SMALL_REGION_TOKENS (here 3x3 on a 7x7 grid at 21², T = 9).
+    N, T = 21 * 21, 9
+    topk_min = -(-N // (m.DENSE_KEY_RATIO * T))
+    assert dense_predicted_faster(1, 21, 21, 7, topk_min, 2) and not dense_predicted_faster(1, 21, 21, 7, topk_min - 1, 2)
+    # Bias cap: the largest batch whose B*N^2 bias fits, and one more.
+    big_b = m.DENSE_MAX_BIAS_BYTES // (2 * 196 * 196)
+    assert dense_predicted_faster(big_b, 14, 14, 7, 16, 2) and not dense_predicted_faster(big_b + 1, 14, 14, 7, 16, 2)
 
 
 def test_auto_backend_off_cuda_and_errors():
     q = torch.randn(2, 14, 14, 2, 8)
-    assert choose_backend("auto", q, 7) == "reference"  # the rule applies on CUDA only
-    assert choose_backend("dense", q, 7) == "dense"
+    assert choose_backend("auto", q, 7, 16) == "reference"  # the rule applies on CUDA only
+    assert choose_backend("dense", q, 7, 16) == "dense"
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference', 'dense'\)"):
-        choose_backend("flex", q, 7)
+        choose_backend("flex", q, 7, 16)
 
 
 def test_deterministic_rule():
@@ -214,5 +220,5 @@ def test_gpu_dense_bf16(case):
 def test_gpu_auto_rule_on_cuda():
     small = torch.empty(128, 14, 14, 8, 32, dtype=torch.bfloat16, device="cuda")
     large = torch.empty(128, 56, 56, 2, 32, dtype=torch.bfloat16, device="cuda")
-    assert choose_backend("auto", small, 7) == "dense"
-    assert choose_backend("auto", large, 7) == "triton"
+    assert choose_backend("auto", small, 7, 16) == "dense"
+    assert choose_backend("auto", large, 7, 1) == "triton"

@@ -10,11 +10,14 @@ Backends: ``"reference"`` (the gather formulation), ``"triton"`` (fused kernels 
 by index; a pair of ``torch.library`` custom ops, so it runs under ``torch.compile(fullgraph=True)``),
 ``"dense"`` (exact masked SDPA over all tokens, :mod:`attnzoo.kernels.bra_dense`) and ``"auto"``:
 
-* **Dense rule.** On CUDA, ``auto`` runs ``dense`` when the map has ``N = H * W <= DENSE_MAX_TOKENS``
-  tokens and the ``B * N²`` bias fits ``DENSE_MAX_BIAS_BYTES``; otherwise Triton. Small maps are where
-  SDPA's full tiles beat walking tiny routed regions (H200, bf16, fwd+bwd: BiFormer-S stage 3, 14²
-  with 2x2 regions, SDPA over all tokens 0.24 ms vs 1.08 ms for the Triton kernel), while at 56² the
-  N² logits cost 5x the routed kernel. Elsewhere ``auto`` is the reference.
+* **Dense rule** (:func:`dense_predicted_faster`). On CUDA, ``auto`` runs ``dense`` when the ``B * N²``
+  bias fits ``DENSE_MAX_BIAS_BYTES`` and each query's ``N = H * W`` dense keys are at most
+  ``DENSE_KEY_RATIO`` times its routed keys ``topk * T``, weighted by ``SMALL_REGION_PENALTY`` for
+  regions of ``T < SMALL_REGION_TOKENS`` tokens (the Triton kernel pads their rows and loses that much per
+  key); otherwise Triton. Fitted to H200 bf16 forward+backward timings (ms, dense = cuDNN SDPA with the
+  bias): 14² 2x2 regions top-16: 0.36 dense vs 1.15 Triton; 20² 2x2 top-16: 1.06 vs 2.34; 28² 2x2
+  top-16: 3.05 vs 4.67; 21² 3x3 top-16: 1.08 vs 2.40; but BiFormer-S stage 2 (28², 4x4 top-4): 1.63
+  vs 0.95. Elsewhere ``auto`` is the reference.
 * **Backward rule.** The Triton dK/dV backward has two modes: fp32 atomics (run-to-run rounding noise)
   or an inverted region index with a fixed summation order (bit-reproducible). ``deterministic=None``
   picks the inverted index for regions of ``T >= DETERMINISTIC_MIN_REGION_TOKENS`` tokens, where
@@ -34,7 +37,8 @@ from attnzoo.kernels.bra_reference import route_regions, routed_attention_refere
 __all__ = ["bra", "routed_attention"]
 
 BACKENDS = ("auto", "triton", "reference", "dense")
-DENSE_MAX_TOKENS = 784
+DENSE_KEY_RATIO = 6
+SMALL_REGION_TOKENS, SMALL_REGION_PENALTY = 8, 2.5
 DENSE_MAX_BIAS_BYTES = 2**28
 DETERMINISTIC_MIN_REGION_TOKENS = 256
 
@@ -173,22 +177,25 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
     return _attend(q, k, v, region_index, n_win, scale, backend, deterministic, op)
 
 
-def choose_backend(backend: str, q: torch.Tensor, n_win: int, op: str = "bra") -> str:
+def choose_backend(backend: str, q: torch.Tensor, n_win: int, topk: int, op: str = "bra") -> str:
     """The backend that runs for ``backend`` on q ``[B, H, W, heads, D]``: the dense rule of the module
     doc for ``"auto"`` on CUDA, then :func:`attnzoo.kernels._dispatch.resolve_backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "dense":
         return backend
-    if backend == "auto" and q.device.type == "cuda" and dense_predicted_faster(*q.shape[:3], q.element_size()):
+    if backend == "auto" and q.device.type == "cuda" and dense_predicted_faster(
+            q.shape[0], q.shape[1], q.shape[2], n_win, topk, q.element_size()):
         return "dense"
     return resolve_backend(backend, q.device, op)
 
 
-def dense_predicted_faster(B: int, H: int, W: int, element_size: int) -> bool:
-    """The dense rule: ``N = H * W <= DENSE_MAX_TOKENS`` and ``B * N² * element_size <= DENSE_MAX_BIAS_BYTES``."""
-    N = H * W
-    return N <= DENSE_MAX_TOKENS and B * N * N * element_size <= DENSE_MAX_BIAS_BYTES
+def dense_predicted_faster(B: int, H: int, W: int, n_win: int, topk: int, element_size: int) -> bool:
+    """The dense rule (module doc): ``B * N² * element_size <= DENSE_MAX_BIAS_BYTES`` and
+    ``N <= DENSE_KEY_RATIO * topk * T * (SMALL_REGION_PENALTY if T < SMALL_REGION_TOKENS else 1)``."""
+    N, T = H * W, (H // n_win) * (W // n_win)
+    routed_cost = topk * T * (SMALL_REGION_PENALTY if T < SMALL_REGION_TOKENS else 1)
+    return B * N * N * element_size <= DENSE_MAX_BIAS_BYTES and N <= DENSE_KEY_RATIO * routed_cost
 
 
 def choose_deterministic(deterministic: bool | None, region_tokens: int) -> bool:
@@ -204,7 +211,7 @@ def choose_deterministic(deterministic: bool | None, region_tokens: int) -> bool
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, n_win: int,
             scale: float, backend: str, deterministic: bool | None, op: str) -> torch.Tensor:
     """Dispatch checked inputs to the chosen backend."""
-    backend = choose_backend(backend, q, n_win, op)
+    backend = choose_backend(backend, q, n_win, region_index.shape[-1], op)
     if backend == "reference":
         return routed_attention_reference(q, k, v, region_index, n_win, scale)
     if backend == "dense":
