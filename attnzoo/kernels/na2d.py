@@ -20,14 +20,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from attnzoo.kernels._dispatch import resolve_backend
-from attnzoo.kernels.na2d_reference import DENSE_WASTE, na2d_dense, na2d_reference
+from attnzoo.kernels.na2d_reference import na2d_dense, na2d_reference
 
 IntPair = Union[int, Sequence[int]]
 BACKENDS = ("auto", "triton", "dense", "reference", "flex")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = range(8, 129, 8)
-# backend="auto" on CUDA runs the dense masked path up to this many scores B*heads*(H*W)^2 (_prefer_dense):
-# 1 GiB of bf16 mask gradient.
+# backend="auto" on CUDA runs the dense masked path up to this many windows' worth of tokens H*W/(kh*kw)
+# and this many scores B*heads*(H*W)^2 (1 GiB of bf16 mask gradient); see _prefer_dense.
+DENSE_MAX_WINDOWS = 4
 DENSE_MAX_SCORES = 2**29
 
 
@@ -80,18 +81,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size
 def _prefer_dense(H: int, W: int, kernel_size: tuple[int, int], B: int, heads: int) -> bool:
     """Whether ``backend="auto"`` runs a CUDA call as masked dense SDPA rather than the Triton kernel.
 
-    Dense attention does ``H*W / (kh*kw)`` times the useful work, but on tensor cores in one well-shaped
-    kernel; the Triton kernel scores ~5x the useful pairs on CUDA cores, in programs that small maps make
-    too few and too short to fill the GPU (H200, bf16, B128, fwd+bwd, k7: 14×14 h8 Triton 1.09 ms vs
-    unmasked SDPA 0.24 ms; 28×28 h4 1.42 vs 0.96; 56×56 h2 2.46 vs 5.05). Rule: dense while the map has
-    at most ``DENSE_WASTE`` (16) windows' worth of tokens (784 = 28×28 for k7, the same bound the
-    reference uses) and at most ``DENSE_MAX_SCORES`` scores ``B*heads*(H*W)^2``, which bounds the
-    quadratic work and the mask gradient SDPA materialises at full batch size. Dilation is left out: it
-    does not change the dense cost and only slows the Triton kernel (14×14 dil 2: 1.26 ms), so ignoring
-    it errs towards Triton.
+    Masked SDPA runs PyTorch's memory-efficient kernel (flash attention takes no mask), about 3.5x slower
+    than unmasked SDPA, and its cost grows with (H*W)^2; the Triton kernel's grows with H*W*kh*kw but has
+    too few, too long programs on small maps. Measured (H200, bf16, B128, k7, fwd+bwd, Triton / dense,
+    benchmarks/NOTES_na2d.md): 7×7 h16 1.09 / 0.79 ms (no rpb 0.99 / 0.51), 14×14 h8 1.01 / 0.91-0.96
+    (no rpb 1.21 / 0.44-0.59; dil 2: 1.40 / 0.97-1.08), 28×28 h4 1.41 / 3.72. Rule: dense while the map
+    holds at most ``DENSE_MAX_WINDOWS`` (4) windows' worth of tokens (196 = 14×14 for k7) and at most
+    ``DENSE_MAX_SCORES`` scores ``B*heads*(H*W)^2`` (bounds the quadratic work and the mask gradient SDPA
+    materialises at full batch size). Dilation does not change the dense cost and only slows Triton.
     """
     tokens = H * W
-    return tokens <= DENSE_WASTE * kernel_size[0] * kernel_size[1] and B * heads * tokens ** 2 <= DENSE_MAX_SCORES
+    return tokens <= DENSE_MAX_WINDOWS * kernel_size[0] * kernel_size[1] and B * heads * tokens ** 2 <= DENSE_MAX_SCORES
 
 
 def _check_triton(q: torch.Tensor) -> None:
@@ -170,8 +170,8 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntPair
         scale: multiplies q before q·k; defaults to ``head_dim ** -0.5``.
         backend: ``"auto"``, ``"triton"`` (always the fused kernel), ``"dense"`` (always masked SDPA),
             ``"reference"``, or ``"flex"`` (FlexAttention with the same mask; a baseline for benchmarks).
-            ``"auto"`` on CUDA runs ``"dense"`` where ``_prefer_dense`` predicts it faster (small maps such
-            as NAT/DiNAT's 14×14 and 7×7 stages) and Triton elsewhere; on other devices the reference
+            ``"auto"`` on CUDA runs ``"dense"`` where ``_prefer_dense`` predicts it faster (maps of at most
+            4 windows' worth of tokens, e.g. NAT/DiNAT's 14×14 and 7×7 stages) and Triton elsewhere; on other devices the reference
             (which is itself dense on small maps). All paths compute the same function: results agree
             up to floating-point rounding.
         deterministic: reduce the rpb gradient without float atomics, so repeated runs are bit-identical
