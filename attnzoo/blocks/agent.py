@@ -21,10 +21,10 @@ checkpoints exactly.
 
 Resizing rule (any input size). The tables are stored for the map the model was trained at:
 ``an_bias``/``na_bias`` always bilinearly resized to the map, ``ah/aw`` for the key map and ``ha/wa``
-for the query map. For another map size the summed
-``ah + aw`` (``ha + wa``) table is resized bilinearly (``align_corners=False``) to the actual map, and
-when the agent grid differs from the trained ``sqrt(agent_num)`` grid (``agent_shape``, the official
-dense backbones' ``downstream_agent_shapes``) every bias is also resized bilinearly over the agent grid.
+for the query map. For another map size the summed ``ah + aw`` (``ha + wa``) table is resized
+bilinearly (``align_corners=False``) to the actual map, and when the agent grid differs from the
+trained ``sqrt(agent_num)`` grid (``agent_shape``, the official dense backbones'
+``downstream_agent_shapes``) every bias is also resized bilinearly over the agent grid.
 This is exactly what the official detection/segmentation backbones compute, and at the trained size it
 is the identity, so classification checkpoints reproduce the official logits.
 
@@ -32,8 +32,8 @@ Bias cache. The resized biases are cached per (map size, key-map size, agent gri
 reused only when no graph is being recorded for them (inference, or frozen biases); the cache is dropped
 whenever a bias parameter changes in place (optimizer step, ``load_state_dict``) or moves (``.to()``,
 including ``memory_format=torch.channels_last``, which leaves the values unchanged), so it can never
-serve stale values. Entries are ordinary tensors even when made under ``torch.inference_mode``. Training recomputes them once per forward, which is cheap next to the
-attention itself.
+serve stale values. Entries are ordinary tensors even when made under ``torch.inference_mode``.
+Training recomputes them once per forward, which is cheap next to the attention itself.
 """
 from __future__ import annotations
 
