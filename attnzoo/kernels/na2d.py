@@ -81,7 +81,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size
 def _prefer_dense(H: int, W: int, kernel_size: tuple[int, int], B: int, heads: int) -> bool:
     """Whether ``backend="auto"`` runs a CUDA call as masked dense SDPA rather than the Triton kernel.
 
-    Masked SDPA runs PyTorch's memory-efficient kernel (flash attention takes no mask), about 3.5x slower
+    Masked SDPA runs PyTorch's memory-efficient kernel (flash attention takes no mask), 1.6-4x slower
     than unmasked SDPA, and its cost grows with (H*W)^2; the Triton kernel's grows with H*W*kh*kw but has
     too few, too long programs on small maps. Measured (H200, bf16, B128, k7, fwd+bwd, Triton / dense,
     benchmarks/NOTES_na2d.md): 7×7 h16 1.09 / 0.79 ms (no rpb 0.99 / 0.51), 14×14 h8 1.01 / 0.91-0.96
