@@ -21,12 +21,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels import bra_triton
 from attnzoo.kernels.bra import choose_backend, choose_deterministic
-from attnzoo.kernels import bra_dense
 from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import region_partition, route_regions
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
@@ -85,16 +84,14 @@ def flex_fn(index: torch.Tensor, B: int, N: int, T: int, R: int):
     return lambda q, k, v: compiled(q, k, v, block_mask=mask), block
 
 
-EFFICIENT_ONLY = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
 
 
-def _dense_with(priority: list, *args) -> torch.Tensor:
-    """The dense path with another SDPA kernel priority (the backward follows the forward's kernel)."""
-    default, bra_dense._SDPA_PRIORITY = bra_dense._SDPA_PRIORITY, priority
-    try:
-        return routed_attention_dense(*args)
-    finally:
-        bra_dense._SDPA_PRIORITY = default
+def _cudnn_first(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)`` with cuDNN's SDPA kernel preferred (the backward follows the forward's kernel)."""
+    with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+        return fn(*args)
 
 
 def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings: dict, deadline: float) -> None:
@@ -119,8 +116,8 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
     if bias_bytes < 0.1 * (torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34):
         methods["dense (masked sdpa)"] = (
             lambda q, k, v: routed_attention_dense(q, k, v, index, n_win, scale), leaves, grad)
-        methods["dense (mem-efficient sdpa only)"] = (
-            lambda q, k, v: _dense_with(EFFICIENT_ONLY, q, k, v, index, n_win, scale), leaves, grad)
+        methods["dense, cuDNN SDPA first"] = (
+            lambda q, k, v: _cudnn_first(routed_attention_dense, q, k, v, index, n_win, scale), leaves, grad)
     else:
         methods["dense (masked sdpa)"] = f"skipped: the B*N^2 bias alone is {bias_bytes / 2**30:.0f} GiB"
     methods["auto"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="auto"), leaves, grad)

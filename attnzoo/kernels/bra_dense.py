@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Row stride of the bias, in elements: SDPA's memory-efficient kernel needs an aligned last dimension and
 # otherwise pads the mask with one more copy.
 _BIAS_ALIGN = 16
-# SDPA kernels in order of preference. With an additive bias cuDNN's kernel ran BiFormer-S stage 3 (14²,
-# 8 heads, batch 128, bf16) forward+backward in 0.36 ms vs 0.67 ms for the memory-efficient kernel that
-# torch prefers by default (H200); flash takes no mask, math is the fallback (and CPU's path).
-_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                  SDPBackend.MATH]
 
 
 def routing_bias(region_index: torch.Tensor, n_win: int, H: int, W: int, dtype: torch.dtype) -> torch.Tensor:
@@ -53,6 +47,7 @@ def routed_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     B, H, W, heads, _ = q.shape
     bias = routing_bias(region_index, n_win, H, W, q.dtype)
     q_, k_, v_ = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, *]
-    with sdpa_kernel(_SDPA_PRIORITY, set_priority=True):
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias, scale=scale)
+    # torch's kernel order (memory-efficient on CUDA). cuDNN first was 2x faster with a bias built once
+    # but slower with a fresh bias per call, as here (benchmarks/NOTES_bra.md).
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias, scale=scale)
     return out.transpose(1, 2).reshape(B, H, W, heads, v.shape[-1])
