@@ -396,3 +396,25 @@ def test_agent_pvt_parameter_groups_and_depth_override():
     groups = group_parameters(model, model.group_matcher(coarse=True))
     assert all(n.startswith("stages.0.") for n in groups[0]) and len(groups) == 6
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+def test_auto_uses_explicit_math_for_large_maps_with_bias_grad(monkeypatch):
+    """auto: fused SDPA by default, explicit math when a bias needs a gradient on a large map."""
+    from attnzoo.blocks import agent as agent_mod
+
+    calls = []
+    real_sdpa = agent_mod.F.scaled_dot_product_attention
+    monkeypatch.setattr(agent_mod.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    monkeypatch.setattr(agent_mod, "FUSED_GRAD_MAX_TOKENS", 16)
+    q, k, v = (torch.randn(1, 2, 25, 8) for _ in range(3))
+    agents = torch.randn(1, 2, 4, 8)
+    kb, qb = torch.randn(2, 4, 25), torch.randn(2, 25, 4)
+    ref = agent_mod.agent_attention(q, k, v, agents, kb, qb, backend="reference")
+    out = agent_mod.agent_attention(q, k, v, agents, kb, qb)  # no bias grad: fused
+    assert len(calls) == 2
+    kb.requires_grad_(True)
+    out_grad = agent_mod.agent_attention(q, k, v, agents, kb, qb)  # bias grad, 25 > 16 tokens: explicit
+    assert len(calls) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_grad, ref, rtol=1e-5, atol=1e-5)

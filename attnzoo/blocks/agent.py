@@ -47,6 +47,7 @@ from torch import nn
 from attnzoo.kernels._dispatch import BACKENDS
 
 _CACHE_SIZE = 8  # distinct map sizes kept per module (multi-scale inference)
+FUSED_GRAD_MAX_TOKENS = 4096  # above this, training uses the explicit math (see agent_attention)
 
 
 def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor,
@@ -58,6 +59,9 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
     and ``query_agent_bias [h, N, A]`` are added to the scaled logits. Returns ``[B, h, N, d]``.
     ``backend``: "auto"/"triton" use the fused SDPA kernels (agent attention has no separate Triton
     kernel: SDPA already fuses it on CUDA), "reference" the explicit softmax(QKᵀ·s + bias)·V math.
+    "auto" also takes the explicit math when a bias needs a gradient and a side has more than
+    ``FUSED_GRAD_MAX_TOKENS`` tokens: SDPA's bias gradient is then the slow part (H200, bf16, a 256×256
+    stage-1 map: 138 ms fused vs 40 ms explicit forward+backward; equal at 56×56; ``benchmarks/agent_attention.py``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"agent_attention: backend must be one of {BACKENDS}, got {backend!r}")
@@ -70,7 +74,8 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
     if query_agent_bias.shape != (h, N, A):
         raise ValueError(f"agent_attention: query_agent_bias must be [{h}, {N}, {A}], "
                          f"got {tuple(query_agent_bias.shape)}")
-    if backend == "reference":
+    bias_grad = torch.is_grad_enabled() and (agent_key_bias.requires_grad or query_agent_bias.requires_grad)
+    if backend == "reference" or (backend == "auto" and bias_grad and max(N, Nk) > FUSED_GRAD_MAX_TOKENS):
         scale = q.shape[-1] ** -0.5
         attn = ((agents * scale) @ k.transpose(-2, -1) + agent_key_bias).softmax(-1)
         agent_v = F.dropout(attn, dropout_p) @ v
