@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
 KERNEL_RESULTS = ["na2d", "bra", "partitioned_attention", "agent_attention"]
-SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models"]), ("Scaling with resolution", ["scaling"]),
+SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models", "models_biformer_1024"]), ("Scaling with resolution", ["scaling"]),
             ("Training loop", ["train_throughput"]), ("Dense prediction", ["dense"])]
 
 
@@ -92,7 +92,7 @@ def build(results_dir: Path = RESULTS_DIR, out: Path = Path("BENCHMARKS.md")) ->
                 if png:
                     lines += [f"![{name}]({os.path.relpath(png, out.parent)})", ""]
             md = (results_dir / f"{name}.md").read_text().splitlines()
-            lines += ["#" + md[0], *md[1:], ""]
+            lines += ["##" + md[0], *md[1:], ""]
     out.write_text("\n".join(lines) + "\n")
     return out
 
