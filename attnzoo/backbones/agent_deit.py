@@ -28,6 +28,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
 from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentDeit"]
@@ -201,6 +202,10 @@ class AgentDeit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
+        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) -> dict[str, torch.Tensor]:
     """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names; the agent tables
@@ -222,19 +227,18 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
-def _cfg(origin_url: str = "", **kwargs) -> dict[str, Any]:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
+    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
             "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
             "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-            "notes": ("official checkpoint: download origin_url and load it with "
-                      "pretrained_cfg_overlay=dict(file=PATH)",), **kwargs}
+**kwargs}
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1"),
-    "agent_deit_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1"),
-    "agent_deit_b.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1"),
+    "agent_deit_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1", "agent_deit_t_in1k.pth"),
+    "agent_deit_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1", "agent_deit_s_in1k.pth"),
+    "agent_deit_b.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1", "agent_deit_b_in1k.pth"),
 })
 
 

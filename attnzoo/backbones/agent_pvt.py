@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
 from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentPvt"]
@@ -209,6 +210,10 @@ class AgentPvt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
+        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -> dict[str, torch.Tensor]:
     """Map an official Agent-PVT state dict (plain or ``{"model": ...}``) onto :class:`AgentPvt` names.
@@ -243,20 +248,19 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
-def _cfg(origin_url: str = "", **kwargs) -> dict[str, Any]:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
+    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "stages.0.patch_embed.proj", "classifier": "head",
             "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-            "notes": ("official checkpoint: download origin_url and load it with "
-                      "pretrained_cfg_overlay=dict(file=PATH)",), **kwargs}
+**kwargs}
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1"),
-    "agent_pvt_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1"),
-    "agent_pvt_m.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1"),
-    "agent_pvt_l.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1"),
+    "agent_pvt_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1", "agent_pvt_t_in1k.pth"),
+    "agent_pvt_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1", "agent_pvt_s_in1k.pth"),
+    "agent_pvt_m.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1", "agent_pvt_m_in1k.pth"),
+    "agent_pvt_l.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1", "agent_pvt_l_in1k.pth"),
 })
 
 _BASE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),

@@ -31,6 +31,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
 from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 from attnzoo.blocks.window import PartitionAttention2d
 
@@ -234,6 +235,10 @@ class AgentSwinTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
+        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:
     """Map an official Agent-Swin state dict (plain or ``{"model": ...}``) onto this model.
@@ -267,19 +272,18 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
-def _cfg(origin_url: str = "", **kwargs) -> dict[str, Any]:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
+    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
             "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-            "notes": ("official checkpoint: download origin_url and load it with "
-                      "pretrained_cfg_overlay=dict(file=PATH)",), **kwargs}
+**kwargs}
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_swin_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1"),
-    "agent_swin_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1"),
-    "agent_swin_b.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1"),
+    "agent_swin_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1", "agent_swin_t_in1k.pth"),
+    "agent_swin_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1", "agent_swin_s_in1k.pth"),
+    "agent_swin_b.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1", "agent_swin_b_in1k.pth"),
 })
 
 

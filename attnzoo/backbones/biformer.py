@@ -27,10 +27,11 @@ from typing import Any, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, load_pretrained, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
 from attnzoo.blocks.routing import AttentionLePE, BiLevelRoutingAttention
 
 __all__ = ["BiFormer", "BiFormerBlock"]
@@ -271,12 +272,8 @@ class BiFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """Load an official checkpoint file through timm's standard path (filter, head/stem adaptation,
-        strict keys). Used via ``custom_load``: timm then downloads to a per-variant file name, which the
-        official URLs (all ending in ``/content``) would not get from the default download."""
-        cfg = dict(self.pretrained_cfg, file=checkpoint_path, custom_load=False)
-        load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans,
-                        filter_fn=checkpoint_filter_fn, strict=True)
+        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
+        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -297,7 +294,7 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
 
 def _cfg(url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
     return {
-        "url": (url, file_name) if url else "", "custom_load": bool(url),
+        **named_url_cfg(url, file_name),
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,

@@ -7,11 +7,8 @@ weights) load through the family's converter: ``init_cfg=dict(type="Pretrained",
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -22,6 +19,7 @@ from timm.models import group_parameters
 from torch import nn
 
 import attnzoo
+from attnzoo.backbones._pretrained import download
 
 
 class AttnZooBackbone(BaseModule):
@@ -157,24 +155,11 @@ def _source(checkpoint: str) -> dict[str, Any]:
     if checkpoint.startswith("hf-hub:"):
         return dict(hf_hub_id=checkpoint[len("hf-hub:"):], file=None, url=None)
     if checkpoint.startswith(("http://", "https://")):
-        checkpoint = str(_download(checkpoint))
+        checkpoint = str(download(checkpoint))
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"init_cfg.checkpoint: no such file {checkpoint!r} (expected a path, an http(s) URL "
                                 "or hf-hub:ORG/NAME)")
     return dict(file=checkpoint, hf_hub_id=None, url=None)
-
-
-def _download(url: str) -> Path:
-    """Fetch ``url`` once into torch's hub cache under a name unique to the URL (official links such as
-    ``.../f/<id>/?dl=1`` or ``.../root/content`` carry no usable file name)."""
-    name = Path(urlparse(url).path).name or "checkpoint"
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}_{name}"
-    if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")
-        torch.hub.download_url_to_file(url, str(tmp), progress=False)
-        tmp.replace(dst)  # atomic: concurrent ranks each finish with a complete file
-    return dst
 
 
 def _center_kernel(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
