@@ -8,8 +8,9 @@ from attnzoo.kernels._dispatch import BACKENDS
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Route every attnzoo attention block in ``model`` to one kernel backend ("auto", "triton",
-    "reference", or a baseline such as "flex" where the op offers one); used by benchmarks and tests."""
+    """Route every attnzoo attention block in ``model`` to one kernel backend: "auto", "triton",
+    "reference", or a path only some ops offer ("dense" for na2d/bra, "sdpa" for partitioned attention,
+    the "flex" baseline for na2d); an op given a name it lacks raises. Used by benchmarks and tests."""
     for module in model.modules():
         if hasattr(module, "attn_backend"):
             module.attn_backend = backend
