@@ -15,14 +15,15 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str, extra: tuple[str, ...] = ()) -> str:
     """Map ``backend`` to ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
     ``"auto"`` sends CUDA tensors to Triton and everything else to the reference. ``"triton"`` on CPU
     tensors runs Triton's interpreter, which must have been enabled before attnzoo was imported.
+    ``extra`` names an op's own further paths: accepted here (and returned as given), handled by the op.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS + extra:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS + extra}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and HAS_TRITON else "reference"
     if backend == "triton":

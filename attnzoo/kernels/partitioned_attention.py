@@ -104,7 +104,7 @@ def partitioned_attention(
     part, shift = _check(q, k, v, partition_size, mode, shift, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     sdpa = backend == "sdpa" or (backend == "auto" and q.is_cuda and _auto_prefers_sdpa(q, part, shift, rpb))
-    if sdpa or resolve_backend(backend, q.device, _OP) == "reference":  # the reference is partition + SDPA
+    if sdpa or resolve_backend(backend, q.device, _OP, ("sdpa",)) == "reference":  # the reference is partition + SDPA
         return partitioned_attention_reference(q, k, v, part, mode, shift, rpb, scale)
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"{_OP}: backend='triton' takes dtypes {_TRITON_DTYPES}, got {q.dtype}")
