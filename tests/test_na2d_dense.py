@@ -153,7 +153,7 @@ def test_prefer_dense_rule():
 @pytest.mark.parametrize("backend", ["cuda", "Dense", None])
 def test_backend_error_lists_choices(backend):
     q = torch.randn(1, 9, 9, 1, 8)
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'dense', 'reference', 'flex'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference', 'dense', 'flex'\)"):
         na2d(q, q, q, 3, backend=backend)
 
 

@@ -36,7 +36,7 @@ from attnzoo.kernels.bra_reference import route_regions, routed_attention_refere
 
 __all__ = ["bra", "routed_attention"]
 
-BACKENDS = ("auto", "triton", "reference", "dense")
+_OWN_BACKENDS = ("dense",)  # beside _dispatch.BACKENDS
 DENSE_KEY_RATIO = 6
 SMALL_REGION_TOKENS, SMALL_REGION_PENALTY = 8, 2.5
 DENSE_MAX_BIAS_BYTES = 2**28
@@ -180,14 +180,11 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
 def choose_backend(backend: str, q: torch.Tensor, n_win: int, topk: int, op: str = "bra") -> str:
     """The backend that runs for ``backend`` on q ``[B, H, W, heads, D]``: the dense rule of the module
     doc for ``"auto"`` on CUDA, then :func:`attnzoo.kernels._dispatch.resolve_backend`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "dense":
-        return backend
+    route = resolve_backend(backend, q.device, op, _OWN_BACKENDS)
     if backend == "auto" and q.device.type == "cuda" and dense_predicted_faster(
             q.shape[0], q.shape[1], q.shape[2], n_win, topk, q.element_size()):
         return "dense"
-    return resolve_backend(backend, q.device, op)
+    return route
 
 
 def dense_predicted_faster(B: int, H: int, W: int, n_win: int, topk: int, element_size: int) -> bool:

@@ -23,7 +23,7 @@ from attnzoo.kernels._dispatch import resolve_backend
 from attnzoo.kernels.na2d_reference import na2d_dense, na2d_reference
 
 IntPair = Union[int, Sequence[int]]
-BACKENDS = ("auto", "triton", "dense", "reference", "flex")
+_OWN_BACKENDS = ("dense", "flex")  # beside _dispatch.BACKENDS
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = range(8, 129, 8)
 # backend="auto" on CUDA runs the dense masked path up to this many windows' worth of tokens H*W/(kh*kw)
@@ -181,18 +181,17 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntPair
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"na2d: backend must be one of {BACKENDS}, got {backend!r}")
+    route = resolve_backend(backend, q.device, "na2d", _OWN_BACKENDS)
     kernel_size, dilation = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
     _check_inputs(q, k, v, kernel_size, dilation, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "flex":
+    if route == "flex":
         from attnzoo.kernels.na2d_flex import na2d_flex
 
         return na2d_flex(q, k, v, kernel_size, dilation, rpb, scale)
-    if backend == "dense":
+    if route == "dense":
         return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
-    if resolve_backend(backend, q.device, "na2d") == "reference":
+    if route == "reference":
         return na2d_reference(q, k, v, kernel_size, dilation, rpb, scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
