@@ -165,7 +165,7 @@ def test_triton_outputs_fully_written(monkeypatch):
 @pytest.mark.triton_interpret
 def test_deterministic_mode_selected_and_bit_identical(monkeypatch):
     """deterministic=True or torch.use_deterministic_algorithms selects the inverted-index backward,
-    whose gradients are bit-identical across runs."""
+    whose gradients are bit-identical across runs; deterministic=False the fp32-atomics one."""
     from attnzoo.kernels import bra_triton
 
     calls = []
@@ -179,7 +179,7 @@ def test_deterministic_mode_selected_and_bit_identical(monkeypatch):
         routed_attention(*inputs, index, 3, backend="triton", **kw).square().sum().backward()
         return [t.grad for t in inputs]
 
-    grads()
+    grads(deterministic=False)
     assert not calls, "fast mode must not build the inverted index"
     first = grads(deterministic=True)
     assert calls
@@ -245,8 +245,8 @@ def _bad(**kw):
     (_bad(n_win=0), ValueError, r"n_win must be a positive int, got 0"),
     (_bad(k=torch.randn(1, 8, 8, 2, 8)), ValueError, r"k must have q's shape \(1, 8, 8, 2, 16\)"),
     (_bad(v=torch.randn(1, 8, 4, 2, 16)), ValueError, r"v must be \[B, H, W, heads, Dv\]"),
-    (_bad(q=torch.randn(8, 8, 2, 16)), ValueError, r"q must be \[B, H, W, heads, D\] \(5 dims\)"),
-    (_bad(v=torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)), TypeError, r"q, k, v must share one dtype"),
+    (_bad(q=torch.randn(8, 8, 2, 16)), ValueError, r"q must be \[B, H, W, heads, head_dim\] \(5-D\)"),
+    (_bad(v=torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)), TypeError, r"v must have q's dtype torch.float32, got torch.float64"),
     (_bad(q=torch.ones(1, 8, 8, 2, 16, dtype=torch.int32)), TypeError, r"q must be a floating-point tensor"),
     (_bad(scale=-1.0), ValueError, r"scale must be None or a positive float, got -1.0"),
     (_bad(routing_scale=0), ValueError, r"routing_scale must be None or a positive float"),
@@ -261,8 +261,8 @@ def test_bra_errors(kwargs, exc, match):
     (torch.zeros(1, 16, 3, dtype=torch.float32), TypeError, r"region_index must be an int32/int64 tensor"),
     (torch.zeros(1, 9, 3, dtype=torch.long), ValueError, r"region_index must be \[B, n_win\*\*2, topk\] = \[1, 16, 1..16\]"),
     (torch.zeros(1, 16, 17, dtype=torch.long), ValueError, r"region_index must be \[B, n_win\*\*2, topk\]"),
-    (torch.full((1, 16, 2), 16), ValueError, r"region_index values must be in \[0, n_win\*\*2\) = \[0, 16\), got range \[16, 16\]"),
-    (torch.full((1, 16, 2), -1), ValueError, r"region_index values must be in \[0, n_win\*\*2\)"),
+    (torch.full((1, 16, 2), 16), RuntimeError, r"region_index values must be in \[0, n_win\*\*2\) = \[0, 16\)"),
+    (torch.full((1, 16, 2), -1), RuntimeError, r"region_index values must be in \[0, n_win\*\*2\)"),
 ])
 def test_routed_attention_index_errors(index, exc, match):
     q = torch.randn(1, 8, 8, 2, 16)
@@ -274,9 +274,6 @@ def test_routed_attention_index_errors(index, exc, match):
 def test_triton_backend_errors():
     q = torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"backend='triton' supports dtypes"):
-        bra(q, q, q, 4, 2, backend="triton")
-    q = torch.randn(1, 8, 8, 2, 16, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match=r"interpreter, whose tl.dot does not support bfloat16"):
         bra(q, q, q, 4, 2, backend="triton")
     q = torch.randn(1, 8, 8, 2, 4)
     with pytest.raises(ValueError, match=r"needs q/k head dim in \[8, 128\], got 4"):

@@ -192,11 +192,11 @@ def test_triton_half_precision_interpreter(dtype, monkeypatch):
 @pytest.mark.triton_interpret
 def test_triton_custom_op_registration():
     """Fake kernel, schema and autograd registration of the Triton custom op (torch.library.opcheck)."""
-    from attnzoo.kernels.partitioned_attention import _pa_forward
+    from attnzoo.kernels.partitioned_attention import _pa_triton
 
     qkv = torch.randn(1, 5, 6, 3, 1, 8, requires_grad=True)
     rpb = torch.randn(1, 5, 5, requires_grad=True)
-    torch.library.opcheck(_pa_forward, (*qkv.unbind(3), rpb, 3, 3, False, 1, 2, 0.35),
+    torch.library.opcheck(_pa_triton.fwd_op, (*qkv.unbind(3), rpb, 3, 3, False, 1, 2, 0.35),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -216,10 +216,10 @@ def test_triton_gpu(case, dtype, monkeypatch):
 @pytest.mark.triton_interpret
 def test_triton_rejects_unsupported_inputs():
     q = torch.randn(1, 8, 8, 2, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="dtypes"):
+    with pytest.raises(TypeError, match="dtypes"):
         partitioned_attention(q, q, q, 4, backend="triton")
     q = torch.randn(1, 8, 8, 1, 160)
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match=r"q/k/v head dim in \[1, 128\], got 160"):
         partitioned_attention(q, q, q, 4, backend="triton")
     q = torch.randn(1, 17, 17, 1, 8)
     with pytest.raises(ValueError, match="partition"):
@@ -324,24 +324,24 @@ def test_compiled_graph_uses_custom_op_and_matches_eager():
 
 
 @pytest.mark.parametrize("case", CASES[:4] + [(2, 14, 7, 2, 8, (7, 7), "window", (0, 0), False)])
-def test_sdpa_backend_matches_brute_force(case):
-    """backend="sdpa" (partition copies + SDPA in the input dtype) is exact: fp32 vs the float64 definition."""
+def test_dense_backend_matches_brute_force(case):
+    """backend="dense" (partition copies + SDPA in the input dtype) is exact: fp32 vs the float64 definition."""
     B, H, W, nh, D, part, mode, shift, use_rpb = case
     g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q, k, v = torch.randn(3, B, H, W, nh, D, generator=g).unbind(0)
     rpb = torch.randn(nh, 2 * part[0] - 1, 2 * part[1] - 1, generator=g) if use_rpb else None
-    out = partitioned_attention(q, k, v, part, mode=mode, shift=shift, rpb=rpb, backend="sdpa")
+    out = partitioned_attention(q, k, v, part, mode=mode, shift=shift, rpb=rpb, backend="dense")
     assert_rel_l2(out, brute_force(q, k, v, part, mode, shift, rpb), None, "out")
 
 
-def test_auto_rule_prefers_sdpa_only_for_small_unbiased_unshifted_maps():
-    from attnzoo.kernels.partitioned_attention import SDPA_MAX_PARTITIONS, _auto_prefers_sdpa
+def test_auto_rule_prefers_dense_only_for_small_unbiased_unshifted_maps():
+    from attnzoo.kernels.partitioned_attention import DENSE_MAX_PARTITIONS, auto_backend
 
     def prefers(H, W, shift=(0, 0), rpb=False):
         q = torch.empty(1, H, W, 2, 8)
-        return _auto_prefers_sdpa(q, (7, 7), shift, torch.empty(2, 13, 13) if rpb else None)
+        return auto_backend(q, (7, 7), shift, torch.empty(2, 13, 13) if rpb else None) == "dense"
 
-    assert SDPA_MAX_PARTITIONS == 4
+    assert DENSE_MAX_PARTITIONS == 4
     assert prefers(7, 7) and prefers(14, 14)  # DaViT-T stages 4 and 3
     assert not prefers(28, 28) and not prefers(56, 56)  # stages 1-2: the kernel
     assert not prefers(14, 14, rpb=True) and not prefers(14, 14, shift=(3, 3)) and not prefers(13, 14)

@@ -4,13 +4,15 @@ Import blocks from their modules, e.g. ``from attnzoo.blocks.neighborhood import
 """
 from torch import nn
 
-from attnzoo.kernels._dispatch import BACKENDS
+from attnzoo.kernels._op import BACKENDS
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Route every attnzoo attention block in ``model`` to one kernel backend: "auto", "triton",
-    "reference", or a path only some ops offer ("dense" for na2d/bra, "sdpa" for partitioned attention,
-    the "flex" baseline for na2d); an op given a name it lacks raises. Used by benchmarks and tests."""
+    """Route every attnzoo attention block in ``model`` to one kernel backend of
+    ``attnzoo.kernels._op.BACKENDS`` ("auto", "triton", "dense", "reference"); every op takes each name.
+    Used by benchmarks and tests."""
+    if backend not in BACKENDS:
+        raise ValueError(f"set_attention_backend: backend must be one of {BACKENDS}, got {backend!r}")
     for module in model.modules():
         if hasattr(module, "attn_backend"):
             module.attn_backend = backend

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from attnzoo.kernels._dispatch import BACKENDS
+from attnzoo.kernels._op import BACKENDS
 
 _CACHE_SIZE = 8  # distinct map sizes kept per module (multi-scale inference)
 FUSED_GRAD_MAX_TOKENS = 4096  # above this, training uses the explicit math (see agent_attention)

@@ -33,7 +33,7 @@ class PartitionAttention2d(nn.Module):
     DaViT: ``qkv_bias=True``, no bias table, no shift. Swin / Agent-Swin: bias table, ``shift_size`` =
     window // 2 on odd blocks. MaxViT: bias table, ``mode="window"`` then ``mode="grid"``.
 
-    ``attn_backend`` ("auto", "triton", "reference", "sdpa") is passed to the kernel as ``backend=``.
+    ``attn_backend`` (one of ``attnzoo.kernels._op.BACKENDS``) is passed to the kernel as ``backend=``.
     """
 
     def __init__(

@@ -6,63 +6,41 @@ different head dim than ``q``/``k`` (BiFormer's ``qk_dim`` and ``dim`` can diffe
 an ``n_win x n_win`` grid of regions numbered in raster order; H and W must be divisible by ``n_win``
 (padding is the backbone's job, as BiFormer's ``auto_pad``).
 
-Backends: ``"reference"`` (the gather formulation), ``"triton"`` (fused kernels reading routed regions
-by index; a pair of ``torch.library`` custom ops, so it runs under ``torch.compile(fullgraph=True)``),
-``"dense"`` (exact masked SDPA over all tokens, :mod:`attnzoo.kernels.bra_dense`) and ``"auto"``:
+Backends (:data:`attnzoo.kernels._op.BACKENDS`): ``"reference"`` (the gather formulation), ``"triton"``
+(fused kernels reading routed regions by index), ``"dense"`` (exact masked SDPA over all tokens,
+:mod:`attnzoo.kernels.bra_dense`) and ``"auto"`` (:func:`auto_backend`):
 
 * **Dense rule** (:func:`dense_predicted_faster`). On CUDA, ``auto`` runs ``dense`` when the ``B * N²``
   bias fits ``DENSE_MAX_BIAS_BYTES`` and each query's ``N = H * W`` dense keys are at most
   ``DENSE_KEY_RATIO`` times its routed keys ``topk * T``, weighted by ``SMALL_REGION_PENALTY`` for
   regions of ``T < SMALL_REGION_TOKENS`` tokens (the Triton kernel pads their rows and loses that much per
-  key); otherwise Triton. Fitted to H200 bf16 forward+backward timings (ms, dense = cuDNN SDPA with the
-  bias): 14² 2x2 regions top-16: 0.36 dense vs 1.15 Triton; 20² 2x2 top-16: 1.06 vs 2.34; 28² 2x2
-  top-16: 3.05 vs 4.67; 21² 3x3 top-16: 1.08 vs 2.40; but BiFormer-S stage 2 (28², 4x4 top-4): 1.63
-  vs 0.95. Elsewhere ``auto`` is the reference.
-* **Backward rule.** The Triton dK/dV backward has two modes: fp32 atomics (run-to-run rounding noise)
-  or an inverted region index with a fixed summation order (bit-reproducible). ``deterministic=None``
-  picks the inverted index for regions of ``T >= DETERMINISTIC_MIN_REGION_TOKENS`` tokens, where
-  atomics into long key rows lose (H200: 16x16 regions, 7.1 vs 12.3 ms) and atomics otherwise (8x8
-  regions: 0.66 vs 1.21 ms). ``True``/``False`` force a mode; ``torch.use_deterministic_algorithms(True)``
-  always forces the inverted index. The dense and reference backends are deterministic as far as
-  torch's own kernels are.
+  key); otherwise Triton. The timings the constants were fitted to are in ``benchmarks/NOTES_bra.md``.
+* **Backward rule** (:func:`choose_deterministic`). The Triton dK/dV backward has two modes: fp32 atomics
+  (run-to-run rounding noise) or an inverted region index with a fixed summation order
+  (bit-reproducible). ``deterministic=None`` picks the inverted index for regions of
+  ``T >= DETERMINISTIC_MIN_REGION_TOKENS`` tokens: with the eager autograd path it measured faster at
+  every BiFormer shape, so the threshold is 0 and atomics run only when asked for. ``True``/``False`` force a mode; ``torch.use_deterministic_algorithms(True)`` always forces
+  the inverted index. The dense and reference backends are deterministic as far as torch's own kernels are.
 """
 from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels._dispatch import resolve_backend
+from attnzoo.kernels import _op
 from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import route_regions, routed_attention_reference
 
 __all__ = ["bra", "routed_attention"]
 
-_OWN_BACKENDS = ("dense",)  # beside _dispatch.BACKENDS
 DENSE_KEY_RATIO = 6
 SMALL_REGION_TOKENS, SMALL_REGION_PENALTY = 8, 2.5
 DENSE_MAX_BIAS_BYTES = 2**28
-DETERMINISTIC_MIN_REGION_TOKENS = 256
+DETERMINISTIC_MIN_REGION_TOKENS = 0
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_HEAD_DIM, _MAX_HEAD_DIM = 8, 128
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, op: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 5:
-            raise ValueError(f"{op}: {name} must be [B, H, W, heads, D] (5 dims), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"{op}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"{op}: v must be [B, H, W, heads, Dv] with [B, H, W, heads] = {tuple(q.shape[:-1])}, "
-                         f"got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _op.check_qkv(op, q, k, v, v_dim_may_differ=True)
     if isinstance(n_win, bool) or not isinstance(n_win, int) or n_win < 1:
         raise ValueError(f"{op}: n_win must be a positive int, got {n_win!r}")
     H, W = q.shape[1:3]
@@ -76,64 +54,32 @@ def _check_scale(scale: float | None, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must be None or a positive float, got {scale!r}")
 
 
-def _check_triton_inputs(q: torch.Tensor, v: torch.Tensor, op: str) -> None:
-    if q.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"{op}: backend='triton' supports dtypes {_TRITON_DTYPES}, got {q.dtype}; "
-                        "use backend='reference'")
-    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
-        raise TypeError(f"{op}: backend='triton' on {q.device.type} runs Triton's interpreter, whose tl.dot does not "
-                        "support bfloat16 (triton-lang/triton#11584); use float16/float32 or backend='reference'")
-    for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
-        if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
-            raise ValueError(f"{op}: backend='triton' needs {name} head dim in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], "
-                             f"got {d}; use backend='reference'")
-
-
-@torch.library.custom_op("attnzoo::routed_attention_fwd", mutates_args=())
-def _routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
-                          n_win: int, scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: output and the fp32 log-sum-exp ``[B, H, W, heads]`` (``deterministic`` is for backward)."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, n_win: int, scale: float,
+             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and the fp32 log-sum-exp ``[B, H, W, heads]`` (``deterministic`` is for the backward)."""
     from attnzoo.kernels import bra_triton
 
     return bra_triton.routed_attention_fwd(q, k, v, region_index, n_win, scale)
 
 
-@_routed_attention_fwd.register_fake
-def _(q, k, v, region_index, n_win, scale, deterministic):
+def _fake_forward(q, k, v, region_index, n_win, scale, deterministic):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("attnzoo::routed_attention_bwd", mutates_args=())
-def _routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, region_index: torch.Tensor, n_win: int,
-                          scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: dq, dk, dv."""
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, n_win: int, scale: float, deterministic: bool,
+              needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from attnzoo.kernels import bra_triton
 
-    return bra_triton.routed_attention_bwd(grad_out, q, k, v, out, lse, region_index, n_win, scale, deterministic)
+    dq, dk, dv = bra_triton.routed_attention_bwd(dout, q, k, v, out, lse, region_index, n_win, scale, deterministic)
+    return dq, dk, dv, region_index.new_empty(0)
 
 
-@_routed_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, region_index, n_win, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _fake_backward(dout, q, k, v, region_index, out, lse, n_win, scale, deterministic, needs_grad):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), region_index.new_empty(0)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, region_index, n_win, scale, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, region_index, out, lse)
-    ctx.n_win, ctx.scale, ctx.deterministic = n_win, scale, deterministic
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-    q, k, v, region_index, out, lse = ctx.saved_tensors
-    dq, dk, dv = _routed_attention_bwd(grad_out, q, k, v, out, lse, region_index, ctx.n_win, ctx.scale,
-                                       ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
-
-
-_routed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_bra_triton = _op.FusedOp("routed_attention", 4, _forward, _backward, _fake_forward, _fake_backward)
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, n_win: int,
@@ -148,8 +94,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
             its region's keys twice.
         n_win: regions per side; H and W must be divisible by it.
         scale: softmax scale, default ``D**-0.5``.
-        backend: ``"auto"`` (module doc: dense on small CUDA maps, else Triton on CUDA, reference
-            elsewhere), ``"triton"``, ``"dense"`` (masked SDPA over all tokens) or ``"reference"``.
+        backend: ``"auto"`` (:func:`auto_backend` on CUDA, the reference elsewhere), ``"triton"``,
+            ``"dense"`` (masked SDPA over all tokens) or ``"reference"``.
         deterministic: Triton backward mode: ``True`` inverted index (bit-reproducible), ``False`` fp32
             atomics, ``None`` by region size (module doc). ``torch.use_deterministic_algorithms(True)``
             forces ``True``.
@@ -169,22 +115,18 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_i
                          f"got {tuple(region_index.shape)}")
     if region_index.device != q.device:
         raise ValueError(f"{op}: region_index must be on q's device {q.device}, got {region_index.device}")
-    if not torch.compiler.is_compiling():  # one host sync; bra() routes itself and skips it
-        lo, hi = (int(x) for x in torch.aminmax(region_index))
-        if lo < 0 or hi >= R:
-            raise ValueError(f"{op}: region_index values must be in [0, n_win**2) = [0, {R}), got range [{lo}, {hi}]")
+    if not torch.compiler.is_compiling():  # checked on the device: no host sync (bra() routes itself and skips it)
+        torch._assert_async(((region_index >= 0) & (region_index < R)).all(),
+                            f"{op}: region_index values must be in [0, n_win**2) = [0, {R})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attend(q, k, v, region_index, n_win, scale, backend, deterministic, op)
 
 
-def choose_backend(backend: str, q: torch.Tensor, n_win: int, topk: int, op: str = "bra") -> str:
-    """The backend that runs for ``backend`` on q ``[B, H, W, heads, D]``: the dense rule of the module
-    doc for ``"auto"`` on CUDA, then :func:`attnzoo.kernels._dispatch.resolve_backend`."""
-    route = resolve_backend(backend, q.device, op, _OWN_BACKENDS)
-    if backend == "auto" and q.device.type == "cuda" and dense_predicted_faster(
-            q.shape[0], q.shape[1], q.shape[2], n_win, topk, q.element_size()):
-        return "dense"
-    return route
+def auto_backend(q: torch.Tensor, n_win: int, topk: int) -> str:
+    """What ``backend="auto"`` runs for CUDA tensors: ``"dense"`` where :func:`dense_predicted_faster`
+    says so, else ``"triton"`` (the module doc gives the rule and the timings behind it)."""
+    B, H, W = q.shape[:3]
+    return "dense" if dense_predicted_faster(B, H, W, n_win, topk, q.element_size()) else "triton"
 
 
 def dense_predicted_faster(B: int, H: int, W: int, n_win: int, topk: int, element_size: int) -> bool:
@@ -208,15 +150,17 @@ def choose_deterministic(deterministic: bool | None, region_tokens: int) -> bool
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, n_win: int,
             scale: float, backend: str, deterministic: bool | None, op: str) -> torch.Tensor:
     """Dispatch checked inputs to the chosen backend."""
-    backend = choose_backend(backend, q, n_win, region_index.shape[-1], op)
-    if backend == "reference":
+    route = _op.resolve_backend(op, backend, q.device, lambda: auto_backend(q, n_win, region_index.shape[-1]))
+    if route == "reference":
         return routed_attention_reference(q, k, v, region_index, n_win, scale)
-    if backend == "dense":
+    if route == "dense":
         return routed_attention_dense(q, k, v, region_index, n_win, scale)
-    _check_triton_inputs(q, v, op)
+    _op.check_triton(op, q, {"q/k": q.shape[-1], "v": v.shape[-1]})
+    if _op.interpreter_upcast(q):
+        out = _attend(q.float(), k.float(), v.float(), region_index, n_win, scale, "triton", deterministic, op)
+        return out.to(q.dtype)
     region_tokens = (q.shape[1] // n_win) * (q.shape[2] // n_win)
-    return _routed_attention_fwd(q, k, v, region_index, n_win, scale,
-                                 choose_deterministic(deterministic, region_tokens))[0]
+    return _bra_triton(q, k, v, region_index, n_win, scale, choose_deterministic(deterministic, region_tokens))
 
 
 def bra(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, topk: int, scale: float | None = None,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.kernels._op import dot_precision
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -247,13 +249,6 @@ def _bra_bwd_dkdv_kernel(
              mask=mask_n[:, None] & mask_dv[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 products run in full fp32 unless torch allows tf32 matmuls (as torch's own fp32 matmuls)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def kernel_config(kernel: str, T: int, D: int, Dv: int) -> dict:
     """Launch parameters of ``kernel`` ("fwd", "dq", "dkdv") for regions of ``T`` tokens.
 
@@ -288,7 +283,7 @@ def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, regi
     grid = (triton.cdiv(RH * RW, config["BLOCK_M"]) * n_win * n_win, B * n_heads)
     _bra_fwd_kernel[grid](
         q, k, v, out, lse, idx, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=_precision(q.dtype), **config)
+        n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=dot_precision(q.dtype), **config)
     return out, lse
 
 
@@ -317,7 +312,7 @@ def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     q, k, v = (_dense(t) for t in (q, k, v))
     idx = region_index.contiguous()
     dq = torch.empty_like(q)
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
     geometry = (n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, scale)
     config = kernel_config("dq", T, D, Dv)

@@ -23,14 +23,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from attnzoo.kernels._dispatch import resolve_backend
+from attnzoo.kernels import _op
 from attnzoo.kernels.partitioned_attention_reference import partitioned_attention_reference
 
 MODES = ("window", "grid")
 _OP = "partitioned_attention"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 128
 MAX_TRITON_PARTITION = 256  # tokens per partition (ph * pw), e.g. 14 x 14 = 196 padded to 256
 
@@ -46,16 +44,7 @@ def _pair(value: int | Sequence[int], name: str, minimum: int) -> tuple[int, int
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partition_size, mode: str, shift,
            rpb: Optional[torch.Tensor]) -> tuple[tuple[int, int], tuple[int, int]]:
-    if q.dim() != 5:
-        raise ValueError(f"{_OP}: q must be [B, H, W, heads, head_dim], got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{_OP}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{_OP}: {name} must match q's dtype {q.dtype} and device {q.device}, "
-                             f"got {t.dtype} on {t.device}")
-    if not q.is_floating_point():
-        raise ValueError(f"{_OP}: q, k, v must be floating point, got {q.dtype}")
+    _op.check_qkv(_OP, q, k, v)
     if mode not in MODES:
         raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
     part = _pair(partition_size, "partition_size", 1)
@@ -64,13 +53,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partition_size, mo
         raise ValueError(f"{_OP}: shift must be 0 in mode='grid', got {shift}")
     if shift[0] >= part[0] or shift[1] >= part[1]:
         raise ValueError(f"{_OP}: shift must be smaller than partition_size {part}, got {shift}")
-    if rpb is not None:
-        expected = (q.shape[3], 2 * part[0] - 1, 2 * part[1] - 1)
-        if tuple(rpb.shape) != expected:
-            raise ValueError(f"{_OP}: rpb must have shape [heads, 2*ph-1, 2*pw-1] = {expected}, "
-                             f"got {tuple(rpb.shape)}")
-        if rpb.device != q.device or not rpb.is_floating_point():
-            raise ValueError(f"{_OP}: rpb must be a floating-point tensor on {q.device}, got {rpb.dtype} on {rpb.device}")
+    _op.check_bias(_OP, "rpb", rpb, q, (q.shape[3], 2 * part[0] - 1, 2 * part[1] - 1), "[heads, 2*ph-1, 2*pw-1]")
     return part, shift
 
 
@@ -94,122 +77,79 @@ def partitioned_attention(
         shift: Swin's cyclic shift (window mode only), each ``< partition_size``.
         rpb: relative-position-bias table ``[heads, 2ph-1, 2pw-1]`` (key − query offsets) or None.
         scale: logit scale, default ``head_dim ** -0.5``.
-        backend: ``"auto"``, ``"triton"``, ``"reference"`` (see ``attnzoo.kernels._dispatch``) or ``"sdpa"``:
-            timm's route, partition copies + PyTorch's fused SDPA (the reference's code, in q's dtype).
-            ``"auto"`` on CUDA takes ``"sdpa"`` where :func:`_auto_prefers_sdpa` says so, else Triton.
+        backend: ``"auto"`` (:func:`auto_backend` on CUDA, the reference elsewhere), ``"triton"``,
+            ``"dense"`` (timm's route: partition copies + PyTorch's fused SDPA, in q's dtype) or
+            ``"reference"`` (the same code: the reference is partition + SDPA).
 
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype.
     """
     part, shift = _check(q, k, v, partition_size, mode, shift, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sdpa = backend == "sdpa" or (backend == "auto" and q.is_cuda and _auto_prefers_sdpa(q, part, shift, rpb))
-    if sdpa or resolve_backend(backend, q.device, _OP, ("sdpa",)) == "reference":  # the reference is partition + SDPA
+    route = _op.resolve_backend(_OP, backend, q.device, lambda: auto_backend(q, part, shift, rpb))
+    if route != "triton":  # the reference is partition + SDPA, so it is also the dense path
         return partitioned_attention_reference(q, k, v, part, mode, shift, rpb, scale)
-    if q.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"{_OP}: backend='triton' takes dtypes {_TRITON_DTYPES}, got {q.dtype}")
-    if not 1 <= q.shape[-1] <= MAX_TRITON_HEAD_DIM:
-        raise ValueError(f"{_OP}: backend='triton' takes head_dim <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
+    _op.check_triton(_OP, q, {"q/k/v": q.shape[-1]}, lo=1, hi=MAX_TRITON_HEAD_DIM)
     if part[0] * part[1] > MAX_TRITON_PARTITION:
         raise ValueError(f"{_OP}: backend='triton' takes partitions of <= {MAX_TRITON_PARTITION} tokens, "
                          f"got partition_size {part}")
-    cfg = (part[0], part[1], mode == "grid", shift[0], shift[1], scale)
-    if torch.compiler.is_compiling():  # traced: the custom op (schema, fake kernel) is what the compiler sees
-        return _pa_forward(q, k, v, rpb, *cfg)[0]
-    return _PartitionedAttention.apply(q, k, v, rpb, cfg)
+    if _op.interpreter_upcast(q):
+        f32 = (t.float() for t in (q, k, v))
+        return partitioned_attention(*f32, part, mode, shift, None if rpb is None else rpb.float(), scale,
+                                     "triton").to(q.dtype)
+    return _pa_triton(q, k, v, rpb, part[0], part[1], mode == "grid", shift[0], shift[1], scale)
 
 
-class _PartitionedAttention(torch.autograd.Function):
-    """Eager autograd around the Triton kernels, the same computation as the custom ops below.
-
-    Eager calls skip the custom op's Python dispatch and autograd wrapper: on an H200 host these cost
-    ~0.2-0.5 ms per forward+backward (measured), several times the whole GPU work of a 7x7-map layer,
-    so they were the backward's fixed floor. The expanded bias tile is built once and kept for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, cfg):
-        from attnzoo.kernels.partitioned_attention_triton import bias_tile, forward
-
-        bias = bias_tile(rpb, cfg[0], cfg[1])
-        out, lse = forward(q, k, v, bias, *cfg)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.cfg, ctx.rpb_dtype = cfg, None if rpb is None else rpb.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        from attnzoo.kernels.partitioned_attention_triton import backward, fold_bias_grad
-
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        dq, dk, dv, dbias = backward(dout, q, k, v, bias, out, lse, *ctx.cfg)
-        drpb = None if dbias is None else fold_bias_grad(dbias, *ctx.cfg[:2]).to(ctx.rpb_dtype)
-        return dq, dk, dv, drpb, None
+DENSE_MAX_PARTITIONS = 4  # partitions per image up to which "auto" prefers the dense path (see auto_backend)
 
 
-SDPA_MAX_PARTITIONS = 4  # partitions per image up to which "auto" prefers SDPA (see _auto_prefers_sdpa)
-
-
-def _auto_prefers_sdpa(q: torch.Tensor, part: tuple[int, int], shift: tuple[int, int],
-                       rpb: Optional[torch.Tensor]) -> bool:
-    """The one case where timm's partition + SDPA path measured faster than the fused kernel (H200, bf16,
-    B128, fwd+bwd; benchmarks/NOTES_partitioned_attention.md): no bias, no shift, no padding, and at
-    most ``SDPA_MAX_PARTITIONS`` partitions per image (DaViT-T stages 3-4: 14² and 7² maps). There SDPA
-    runs unmasked flash attention and the partition copies are tiny, while the kernel pays its fixed
-    Triton-launch host cost. Maps with a bias, a shift or padding keep the kernel, which was faster."""
+def auto_backend(q: torch.Tensor, part: tuple[int, int], shift: tuple[int, int], rpb: Optional[torch.Tensor]) -> str:
+    """What ``backend="auto"`` runs for CUDA tensors: ``"dense"`` (partition + PyTorch's fused SDPA) for
+    maps with no bias, no shift, no padding and at most ``DENSE_MAX_PARTITIONS`` partitions per image
+    (there SDPA runs unmasked flash attention and the partition copies are tiny), else ``"triton"``.
+    The comparison behind it is in ``benchmarks/NOTES_partitioned_attention.md``."""
     H, W = q.shape[1:3]
-    return (rpb is None and not any(shift) and H % part[0] == 0 and W % part[1] == 0
-            and (H // part[0]) * (W // part[1]) <= SDPA_MAX_PARTITIONS)
+    dense = (rpb is None and not any(shift) and H % part[0] == 0 and W % part[1] == 0
+             and (H // part[0]) * (W // part[1]) <= DENSE_MAX_PARTITIONS)
+    return "dense" if dense else "triton"
 
 
-@torch.library.custom_op("attnzoo::partitioned_attention_fwd", mutates_args=())
-def _pa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor], ph: int, pw: int,
-                grid: bool, sy: int, sx: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: output ``[B, H, W, heads, D]`` and the fp32 log-sum-exp ``[B, H, W, heads]``."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor], ph: int, pw: int,
+             grid: bool, sy: int, sx: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, fp32 log-sum-exp ``[B, H, W, heads]`` and the expanded bias tile (kept for the backward;
+    empty without a bias)."""
     from attnzoo.kernels.partitioned_attention_triton import bias_tile, forward
 
-    return forward(q, k, v, bias_tile(rpb, ph, pw), ph, pw, grid, sy, sx, scale)
+    bias = bias_tile(rpb, ph, pw)
+    out, lse = forward(q, k, v, bias, ph, pw, grid, sy, sx, scale)
+    return out, lse, q.new_empty((0,), dtype=torch.float32) if bias is None else bias
 
 
-@_pa_forward.register_fake
-def _(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
+def _fake_forward(q, k, v, rpb, ph, pw, grid, sy, sx, scale):
+    from attnzoo.kernels.partitioned_attention_triton import tile_size
+
+    n = tile_size(ph * pw)
+    bias = q.new_empty((0,), dtype=torch.float32) if rpb is None else q.new_empty((rpb.shape[0], n, n),
+                                                                                   dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:4], dtype=torch.float32), bias)
 
 
-@torch.library.custom_op("attnzoo::partitioned_attention_bwd", mutates_args=())
-def _pa_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
-                 out: torch.Tensor, lse: torch.Tensor, ph: int, pw: int, grid: bool, sy: int, sx: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: dq, dk, dv (q's layout) and d(rpb) (empty when rpb is None)."""
-    from attnzoo.kernels.partitioned_attention_triton import backward, bias_tile, fold_bias_grad
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+              out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor, ph: int, pw: int, grid: bool, sy: int, sx: int,
+              scale: float, needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attnzoo.kernels.partitioned_attention_triton import backward, fold_bias_grad
 
-    dq, dk, dv, dbias = backward(do, q, k, v, bias_tile(rpb, ph, pw), out, lse, ph, pw, grid, sy, sx, scale)
-    drpb = q.new_empty(0) if dbias is None else fold_bias_grad(dbias, ph, pw).to(rpb.dtype)
+    dq, dk, dv, dbias = backward(dout, q, k, v, None if rpb is None else bias, out, lse, ph, pw, grid, sy, sx, scale)
+    drpb = fold_bias_grad(dbias, ph, pw).to(rpb.dtype) if rpb is not None and needs_grad[3] else q.new_empty(0)
     return dq, dk, dv, drpb
 
 
-@_pa_backward.register_fake
-def _(do, q, k, v, rpb, out, lse, ph, pw, grid, sy, sx, scale):
-    drpb = torch.empty_like(rpb) if rpb is not None else q.new_empty(0)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), drpb)
+def _fake_backward(dout, q, k, v, rpb, out, lse, bias, ph, pw, grid, sy, sx, scale, needs_grad):
+    drpb = torch.empty_like(rpb) if rpb is not None and needs_grad[3] else q.new_empty(0)
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)), drpb)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, rpb, ph, pw, grid, sy, sx, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, rpb, out, lse)
-    ctx.cfg = (ph, pw, grid, sy, sx, scale)
+_pa_triton = _op.FusedOp("partitioned_attention", 4, _forward, _backward, _fake_forward, _fake_backward)
 
-
-def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor):
-    q, k, v, rpb, out, lse = ctx.saved_tensors
-    dq, dk, dv, drpb = _pa_backward(dout, q, k, v, rpb, out, lse, *ctx.cfg)
-    return dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None, None
-
-
-_pa_forward.register_autograd(_backward, setup_context=_setup_context)
-
-__all__ = ["partitioned_attention", "MODES", "SDPA_MAX_PARTITIONS"]
+__all__ = ["partitioned_attention", "auto_backend", "MODES", "DENSE_MAX_PARTITIONS"]

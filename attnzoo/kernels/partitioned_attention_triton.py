@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.kernels._op import dot_precision
 from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index
 
 
@@ -247,18 +248,9 @@ def fold_bias_grad(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return table.view(-1, 2 * ph - 1, 2 * pw - 1)
 
 
-def _interpreter_bf16(t: torch.Tensor) -> bool:
-    """Triton's CPU interpreter multiplies the raw bits of bf16 ``tl.dot`` operands (seen with triton
-    3.7.1), so bf16 work on CPU runs in fp32 and is cast back."""
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
 def forward(q, k, v, bias, ph, pw, grid, sy, sx, scale):
     """Output ``[B, H, W, heads, D]`` (contiguous, q's dtype) and the log-sum-exp ``[B, H, W, heads]`` (fp32).
     ``bias`` is :func:`bias_tile`'s expansion of the table, or None."""
-    if _interpreter_bf16(q):
-        o, lse = forward(q.float(), k.float(), v.float(), bias, ph, pw, grid, sy, sx, scale)
-        return o.to(q.dtype), lse
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
@@ -268,7 +260,7 @@ def forward(q, k, v, bias, ph, pw, grid, sy, sx, scale):
     _pa_fwd[grid_](
         q, k, v, o, lse, q if bias is None else bias, *_strides(q), *_strides(k), *_strides(v),
         NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
-        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=_precision(q), N_PAD=tile_size(N),
+        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=dot_precision(q.dtype), N_PAD=tile_size(N),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **FWD_LAUNCH)
     return o, lse
 
@@ -276,9 +268,6 @@ def forward(q, k, v, bias, ph, pw, grid, sy, sx, scale):
 def backward(do, q, k, v, bias, out, lse, ph, pw, grid, sy, sx, scale):
     """Gradients dq, dk, dv (contiguous, q's dtype) and the fp32 bias-tile gradient (None without a bias;
     :func:`fold_bias_grad` turns it into the table's gradient)."""
-    if _interpreter_bf16(q):
-        grads = backward(do.float(), q.float(), k.float(), v.float(), bias, out.float(), lse, ph, pw, grid, sy, sx, scale)
-        return tuple(g.to(q.dtype) for g in grads[:3]) + (grads[3],)
     B, H, W, NH, D = q.shape
     Hp, Wp, NP, N = _geometry(q, ph, pw)
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(N, D)
@@ -297,12 +286,7 @@ def backward(do, q, k, v, bias, out, lse, ph, pw, grid, sy, sx, scale):
         q, k, v, out, do, lse, q if bias is None else bias, dq, dk, dv, dq if dbias is None else dbias,
         *_strides(q), *_strides(k), *_strides(v),
         BP, NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
-        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=_precision(q),
+        D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=dot_precision(q.dtype),
         PARTS=parts, ONE_BLOCK=one_block, N_PAD=tile_size(N),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **BWD_LAUNCH)
     return dq.to(q.dtype), dk, dv, dbias
-
-
-def _precision(q: torch.Tensor) -> str:
-    """fp32 inputs get full-precision dots (tf32 would cost ~1e-3 relative error); halves use their own."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"

@@ -1,0 +1,150 @@
+"""The shared op mechanism (attnzoo/kernels/_op.py) as every kernel op uses it: one backend vocabulary,
+one error contract, one bfloat16 policy under Triton's interpreter, eager calls without custom-op
+dispatch, the export rule, and the launch count of na2d's fused path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnzoo.blocks import set_attention_backend
+from attnzoo.kernels import _op, bra, na2d, partitioned_attention
+from attnzoo.kernels.bra_reference import route_regions
+from tests.helpers import assert_rel_l2
+
+
+def _qkv(shape, dtype=torch.float32, requires_grad=False):
+    return [torch.randn(shape, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
+
+
+OPS = {  # op name -> call(q, k, v, backend) on a [1, 8, 8, 2, 16] map
+    "na2d": lambda q, k, v, backend: na2d(q, k, v, 3, 2, backend=backend),
+    "bra": lambda q, k, v, backend: bra(q, k, v, 4, 2, backend=backend),
+    "partitioned_attention": lambda q, k, v, backend: partitioned_attention(q, k, v, 4, backend=backend),
+}
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", _op.BACKENDS)
+def test_every_op_takes_every_backend_name(op, backend):
+    """One vocabulary: each op runs each name and computes the same function."""
+    q, k, v = _qkv((1, 8, 8, 2, 16))
+    ref = OPS[op](*(t.double() for t in (q, k, v)), "reference")
+    assert_rel_l2(OPS[op](q, k, v, backend), ref, 1e-5, name=f"{op} {backend}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_backend_names_the_choices(op):
+    q, k, v = _qkv((1, 8, 8, 2, 16))
+    with pytest.raises(ValueError, match=rf"{op}: backend must be one of \('auto', 'triton', 'dense', 'reference'\), "
+                                         r"got 'flex'"):
+        OPS[op](q, k, v, "flex")
+
+
+def test_set_attention_backend_checks_the_name():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert set_attention_backend(model, "dense") is model
+    with pytest.raises(ValueError, match=r"set_attention_backend: backend must be one of .* got 'sdpa'"):
+        set_attention_backend(model, "sdpa")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v: (q, k[:, :4], v), ValueError, r"k must have q's shape \(1, 8, 8, 2, 16\), got \(1, 4, 8, 2, 16\)"),
+    (lambda q, k, v: (q, k, v.double()), TypeError, r"v must have q's dtype torch.float32, got torch.float64"),
+    (lambda q, k, v: (q[0], k, v), ValueError, r"q must be \[B, H, W, heads, head_dim\] \(5-D\), got shape"),
+    (lambda q, k, v: (q.long(), k, v), TypeError, r"q must be a floating-point tensor, got torch.int64"),
+    (lambda q, k, v: ([1.0], k, v), TypeError, r"q must be a torch.Tensor, got list"),
+])
+def test_one_error_contract(op, mutate, exc, match):
+    """Every op names itself, the argument and what was expected."""
+    with pytest.raises(exc, match=rf"{op}: {match}"):
+        OPS[op](*mutate(*_qkv((1, 8, 8, 2, 16))), "auto")
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", OPS)
+def test_bfloat16_under_the_interpreter_computes_in_float32(op):
+    """The interpreter has no bfloat16 arithmetic: na2d returned garbage (relative error ~1e9) and bra
+    raised. Every op now computes in float32 there and returns bfloat16, gradients included."""
+    q, k, v = (t.bfloat16().requires_grad_() for t in _qkv((1, 8, 8, 2, 16)))
+    out = OPS[op](q, k, v, "triton")
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = OPS[op](*ref_in, "reference")
+    assert out.dtype == torch.bfloat16
+    assert_rel_l2(out, ref, 1e-2)
+    dout = torch.randn_like(ref)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v), dout.bfloat16()), torch.autograd.grad(ref, ref_in, dout)):
+        assert g.dtype == torch.bfloat16
+        assert_rel_l2(g, rg, 2e-2)
+
+
+def test_auto_takes_the_reference_while_exporting(monkeypatch):
+    """Exported graphs hold standard operators: "auto" resolves to the reference under torch.export/ONNX."""
+    cuda = torch.device("cuda")
+    if _op.HAS_TRITON:
+        assert _op.resolve_backend("na2d", "auto", cuda, lambda: "triton") == "triton"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert _op.resolve_backend("na2d", "auto", cuda, lambda: "triton") == "reference"
+    assert _op.resolve_backend("na2d", "auto", torch.device("cpu"), lambda: "triton") == "reference"
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", OPS)
+def test_eager_calls_skip_custom_op_dispatch(op):
+    """Eager forward+backward runs the autograd.Function, not the attnzoo:: custom ops (their Python
+    dispatch was the backward's host floor); torch.compile still sees the custom ops."""
+    q, k, v = _qkv((1, 8, 8, 2, 16), requires_grad=True)
+    with _Ops() as seen:
+        OPS[op](q, k, v, "triton").sum().backward()
+    assert not [o for o in seen.ops if o.startswith("attnzoo.")], seen.ops
+    assert torch.isfinite(q.grad).all()
+
+
+def test_bra_routing_has_no_host_sync():
+    """routed_attention checks index values on the device; nothing reads a value back to the host."""
+    q, k, v = _qkv((2, 8, 8, 2, 16))
+    index = route_regions(q, k, 4, 2, 0.25)
+    from attnzoo.kernels import routed_attention
+
+    with _Ops() as seen:
+        routed_attention(q, k, v, index, 4)
+        bra(q, k, v, 4, 2)
+    assert "aten._local_scalar_dense" not in seen.ops and "aten.item" not in seen.ops, seen.ops
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel object and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel, counts: list):
+        self.kernel, self.counts = kernel, counts
+
+    def __getitem__(self, grid):
+        self.counts.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("rpb_grad", [False, True])
+def test_na2d_launches_one_forward_and_two_backward_kernels(monkeypatch, rpb_grad):
+    from attnzoo.kernels import na2d_triton
+
+    launches = {name: [] for name in ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel")}
+    for name, counts in launches.items():
+        monkeypatch.setattr(na2d_triton, name, _CountLaunches(getattr(na2d_triton, name), counts))
+    q, k, v = _qkv((1, 9, 10, 2, 16), requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=rpb_grad)
+    na2d(q, k, v, 3, 2, rpb, backend="triton").sum().backward()
+    assert {n: len(c) for n, c in launches.items()} == dict.fromkeys(launches, 1)
+    assert (rpb.grad is not None) == rpb_grad
