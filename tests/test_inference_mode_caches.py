@@ -1,13 +1,12 @@
 """Shape-keyed caches filled during an ``inference_mode`` forward must not poison a later training step.
 
-(A cache tensor created under inference mode cannot be saved for backward: validating a model, then
+(The FlexAttention baseline of the benchmarks keeps one such cache. A cache tensor created under inference mode cannot be saved for backward: validating a model, then
 training it, would fail with "Inference tensors cannot be saved for backward".)
 """
 import pytest
 import torch
 
-from attnzoo.kernels import na2d
-from attnzoo.kernels.na2d_flex import _block_mask
+from benchmarks.na2d_flex import _block_mask, na2d_flex
 
 
 def _tensors(block_mask) -> list[torch.Tensor]:
@@ -19,7 +18,7 @@ def test_flex_block_mask_made_in_inference_mode_is_a_normal_tensor():
     _block_mask.cache_clear()
     q = torch.randn(1, 9, 11, 2, 8)
     with torch.inference_mode():
-        na2d(q, q, q, 3, 2, backend="flex")
+        na2d_flex(q, q, q, (3, 3), (2, 2), None, 8 ** -0.5)
     cached = _block_mask(9, 11, (3, 3), (2, 2), "cpu")
     assert _tensors(cached) and not any(t.is_inference() for t in _tensors(cached))
 
@@ -30,8 +29,8 @@ def test_gpu_flex_trains_after_inference_mode_forward():
     q, k, v = (torch.randn(2, 16, 16, 2, 16, device="cuda", generator=g) for _ in range(3))
     rpb = torch.randn(2, 13, 13, device="cuda", generator=g)
     with torch.inference_mode():
-        na2d(q, k, v, 7, 2, rpb, backend="flex")
+        na2d_flex(q, k, v, (7, 7), (2, 2), rpb, 16 ** -0.5)
     q.requires_grad_(True)
     rpb.requires_grad_(True)
-    na2d(q, k, v, 7, 2, rpb, backend="flex").sum().backward()
+    na2d_flex(q, k, v, (7, 7), (2, 2), rpb, 16 ** -0.5).sum().backward()
     assert torch.isfinite(q.grad).all() and rpb.grad.abs().sum() > 0
