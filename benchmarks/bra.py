@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels import bra_triton
-from attnzoo.kernels.bra import choose_backend, choose_deterministic
+from attnzoo.kernels.bra import _bra_triton, auto_backend, choose_deterministic
 from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import region_partition, route_regions
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
@@ -108,9 +108,9 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
 
     methods: dict[str, tuple[Callable, list[torch.Tensor], torch.Tensor] | str] = {}
     scale = D ** -0.5
-    op = torch.ops.attnzoo.routed_attention_fwd  # the custom op itself: no index range check (host sync)
-    methods["triton"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, False)[0], leaves, grad)
-    methods["triton det"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, True)[0], leaves, grad)
+    op = _bra_triton  # the fused op itself (eager autograd.Function), without the index range check
+    methods["triton"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, False), leaves, grad)
+    methods["triton det"] = (lambda q, k, v: op(q, k, v, index, n_win, scale, True), leaves, grad)
     methods["bra (routing + triton)"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="triton"), leaves, grad)
     bias_bytes = B * N * N * q.element_size()
     if bias_bytes < 0.1 * (torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34):
@@ -121,7 +121,7 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
     else:
         methods["dense (masked sdpa)"] = f"skipped: the B*N^2 bias alone is {bias_bytes / 2**30:.0f} GiB"
     methods["auto"] = (lambda q, k, v: bra(q, k, v, n_win, topk, backend="auto"), leaves, grad)
-    chosen = choose_backend("auto", q, n_win, topk)
+    chosen = auto_backend(q, n_win, topk) if dev == "cuda" else "reference"
     if chosen == "triton":
         chosen += " det" if choose_deterministic(None, T) else " atomics"
     memory = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 2**34

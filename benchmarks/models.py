@@ -31,6 +31,7 @@ class Case:
     backend: str = "auto"
     peer: str | None = None
     kwargs: dict = field(default_factory=dict, hash=False)
+    compile: bool = False
 
 
 def _fam(family: str, models: Iterable[str], peers: dict[str, str] | None = None,
@@ -40,12 +41,12 @@ def _fam(family: str, models: Iterable[str], peers: dict[str, str] | None = None
 
 
 # T and S variants of every family; timm peers where timm has the same (or the closest) model. Second
-# backends are the comparison paths the issues ask for: NAT/DiNAT on FlexAttention and the reference,
-# BiFormer on the official gather formulation, Agent models on the unfused per-forward-bias path.
+# backends are the comparison paths the issues ask for: NAT/DiNAT on the reference, BiFormer on the
+# official gather formulation, Agent models on the unfused per-forward-bias path.
 DEFAULT_CASES: list[Case] = [
     *_fam("NAT", ["nat_tiny", "nat_small"], {"nat_tiny": "swin_tiny_patch4_window7_224"},
-          backends=("auto", "flex", "reference")),
-    *_fam("DiNAT", ["dinat_tiny"], backends=("auto", "flex", "reference")),
+          backends=("auto", "reference")),
+    *_fam("DiNAT", ["dinat_tiny"], backends=("auto", "reference")),
     *_fam("DiNAT", ["dinat_small"]),
     *_fam("BiFormer", ["biformer_tiny", "biformer_small"], backends=("auto", "reference")),
     *_fam("MaxViT", ["maxvit_t", "maxvit_s"], {"maxvit_t": "maxvit_tiny_tf_224", "maxvit_s": "maxvit_small_tf_224"}),
@@ -85,17 +86,18 @@ def measure(case: Case, batch: int, img_size: int, device: torch.device, channel
     model = build(case.model, img_size, case.backend, **case.kwargs).to(device)
     mem_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
+    run_model = torch.compile(model) if case.compile else model
     x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=mem_format)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def infer():
-        with torch.inference_mode(), _autocast(device):
-            model(x)
+        with torch.no_grad() if case.compile else torch.inference_mode(), _autocast(device):
+            run_model(x)
 
     def train_step():
         with _autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,6 +109,8 @@ def measure(case: Case, batch: int, img_size: int, device: torch.device, channel
     peak = peak_memory_mib(train_step)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     extra = {"kwargs": json.dumps(case.kwargs)} if case.kwargs else {}
+    if case.compile:
+        extra["compiled"] = True
     return dict(family=case.family, model=case.model, backend=case.backend, **extra, params_m=params,
                 infer_img_s=batch / infer_ms * 1e3, train_img_s=batch / train_ms * 1e3, train_peak_mib=peak)
 
@@ -152,11 +156,13 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
+    p.add_argument("--compile", action="store_true", help="also measure --models under torch.compile")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
     if a.models:
-        cases = [Case(m, "-", b, kwargs=a.kwargs) for m in a.models for b in a.backends]
+        cases = [Case(m, "-", b, kwargs=a.kwargs, compile=c) for m in a.models for b in a.backends
+                 for c in ((False, True) if a.compile else (False,))]
     else:
         cases = [c for c in DEFAULT_CASES if not a.families or c.family in a.families]
     batch, size = (2, 64) if a.quick else (a.batch, a.img_size)

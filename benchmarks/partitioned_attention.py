@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.maxxvit import grid_partition, grid_reverse, window_partition, window_reverse
 
-from attnzoo.kernels.partitioned_attention import _auto_prefers_sdpa, partitioned_attention
+from attnzoo.kernels.partitioned_attention import auto_backend, partitioned_attention
 from attnzoo.kernels.partitioned_attention_reference import partition_mask, rpb_bias
 from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
 
@@ -116,9 +116,9 @@ def bench_case(rep: Report, case, ceilings: dict[str, float]) -> None:
             row[f"{name}_fwd_ms"] = time_ms(fn)
         row[f"{name}_fb_ms"] = time_ms(fwd_bwd(fn, leaves, grad))
         row[f"{name}_fb_mib"] = peak_memory_mib(fwd_bwd(fn, leaves, grad))
-    # backend="auto": the kernel, or SDPA where partitioned_attention's named rule prefers it
-    auto_sdpa = _auto_prefers_sdpa(qkv.view(B, H, W, 3, heads, D)[:, :, :, 0], (7, 7), (shift, shift), rpb)
-    row["auto_path"] = ("sdpa" if auto_sdpa else "triton") if DEVICE == "cuda" else "reference"
+    # backend="auto": the kernel, or the dense path (partition + SDPA) where the op's rule prefers it
+    auto = auto_backend(qkv.view(B, H, W, 3, heads, D)[:, :, :, 0], (7, 7), (shift, shift), rpb)
+    row["auto_path"] = auto if DEVICE == "cuda" else "reference"
     row["auto_fb_ms"] = time_ms(fwd_bwd(lambda: kernel_path(qkv, heads, mode, shift, rpb, "auto"), leaves, grad))
     row["fwd_speedup"] = row["timm_fwd_ms"] / row["kernel_fwd_ms"]
     row["fb_speedup"] = row["timm_fb_ms"] / row["kernel_fb_ms"]

@@ -1,0 +1,229 @@
+"""Tile sweep for the na2d Triton kernels, and a GPU correctness check of all three kernels.
+
+For each issue case (NAT/DiNAT stage shapes at batch 128 and a 256² k13 d64 map) and each kernel (forward,
+dq with delta and the d_rpb partials, dk/dv), times candidate tile shapes with ``do_bench`` medians and
+prints the best. Compilation is done first in a pool of worker processes (it fills Triton's on-disk
+cache), so the timing pass in this process only loads binaries. ``choose_tiles`` in
+``attnzoo/kernels/na2d_triton.py`` is written from these results.
+
+    python -m benchmarks.na2d_tune check      # GPU correctness, writes benchmarks/results/na2d_check.{json,md}
+    python -m benchmarks.na2d_tune compile    # fill Triton's cache (worker processes)
+    python -m benchmarks.na2d_tune sweep      # time the candidates, writes benchmarks/results/na2d_tune.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, Report, kernel_times_ms, time_ms
+
+# (name, B, H, W, heads, D, kernel, dilation)
+CASES = [("nat56", 128, 56, 56, 2, 32, 7, 1), ("nat28", 128, 28, 28, 4, 32, 7, 1), ("nat14", 128, 14, 14, 8, 32, 7, 1),
+         ("nat7", 128, 7, 7, 16, 32, 7, 1), ("dinat56_d8", 128, 56, 56, 2, 32, 7, 8),
+         ("hires256_k13_d64", 4, 256, 256, 4, 64, 13, 1)]
+# (BY, BX, KBY, KBX, num_warps, num_stages): owned tile, walked block
+CANDIDATES = [(8, 8, 4, 16, 4, 2), (8, 8, 4, 16, 4, 3), (8, 8, 2, 16, 4, 3), (8, 8, 8, 8, 4, 3), (8, 8, 4, 8, 4, 3),
+              (8, 8, 2, 32, 4, 3), (8, 8, 4, 16, 2, 3), (16, 8, 4, 16, 4, 3), (16, 8, 4, 16, 8, 3),
+              (8, 16, 2, 32, 4, 3), (8, 16, 4, 16, 8, 3), (16, 16, 4, 16, 8, 3), (16, 16, 4, 8, 8, 3)]
+KERNELS = ("fwd", "dq", "dkdv")
+KERNEL_NAMES = {"fwd": "_na2d_fwd_kernel", "dq": "_na2d_bwd_dq_kernel", "dkdv": "_na2d_bwd_dkdv_kernel"}
+
+
+def _inputs(case, dtype=torch.bfloat16, device="cuda", batch=None):
+    _, B, H, W, N, D, k, d = case
+    B = batch or B
+    g = torch.Generator(device=device).manual_seed(0)
+    q, kk, v = (torch.randn(B, H, W, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    rpb = torch.randn(N, 2 * k - 1, 2 * k - 1, device=device, generator=g)
+    return q, kk, v, rpb
+
+
+def _valid(case, t) -> bool:
+    from attnzoo.kernels import na2d_triton as T
+
+    _, B, H, W, N, D, k, d = case
+    sub_h, sub_w = -(-H // d), -(-W // d)
+    by, bx, kby, kbx = t.BY, t.BX, t.KBY, t.KBX
+    return by <= T._p2(sub_h) and bx <= T._p2(sub_w) and by * kby >= 16 and bx * kbx >= 16 and kby * kbx >= 16
+
+
+def _runner(case, kernel, t):
+    """A closure that launches ``kernel`` of ``case`` with tiles ``t`` (inputs prepared once)."""
+    from attnzoo.kernels import na2d_triton as T
+
+    _, B, H, W, N, D, k, d = case
+    q, kk, v, rpb = _inputs(case)
+    scale = D ** -0.5
+    if kernel == "fwd":
+        return lambda: T.na2d_forward(q, kk, v, rpb, (k, k), (d, d), scale, tiles=t)
+    out, lse = T.na2d_forward(q, kk, v, rpb, (k, k), (d, d), scale)
+    dout = torch.randn_like(out)
+    default = T.choose_tiles
+    tiles = {kernel: t, ("dkdv" if kernel == "dq" else "dq"): default(
+        "dkdv" if kernel == "dq" else "dq", -(-H // d), -(-W // d), (k, k), D, True)}
+    return lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, (k, k), (d, d), scale, True, tiles=tiles)
+
+
+def _compile_job(job) -> str:
+    from attnzoo.kernels import na2d_triton as T
+
+    ci, kernel, cand = job
+    try:
+        _runner(CASES[ci], kernel, T.Tiles(*cand))()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # out of resources: reported by the timing pass
+        return f"{type(e).__name__}"
+
+
+def check() -> list[dict]:
+    """bf16/fp16/fp32 forward and every gradient against the float64 reference; d_rpb bit-identical twice."""
+    from attnzoo.kernels import na2d
+    from attnzoo.kernels.na2d_reference import na2d_reference
+    from tests.helpers import rel_l2
+
+    rows = []
+    shapes = [c[:1] + (2,) + c[2:] for c in CASES[:5]] + [("odd", 3, 23, 37, 3, 24, (5, 7), (2, 3)),
+                                                        ("hires_k13", 1, 64, 48, 2, 64, 13, 1)]
+    for case, dtype in itertools.product(shapes, (torch.bfloat16, torch.float16, torch.float32)):
+        name, B, H, W, N, D, k, d = case
+        g = torch.Generator(device="cuda").manual_seed(1)
+        ks = k if isinstance(k, tuple) else (k, k)
+        ds = d if isinstance(d, tuple) else (d, d)
+        q, kk, v = (torch.randn(B, H, W, N, D, device="cuda", generator=g) for _ in range(3))
+        rpb = torch.randn(N, 2 * ks[0] - 1, 2 * ks[1] - 1, device="cuda", generator=g)
+        dout = torch.randn(B, H, W, N, D, device="cuda", generator=g)
+        ref_in = [t.double().requires_grad_() for t in (q, kk, v, rpb)]
+        ref = na2d_reference(*ref_in[:3], ks, ds, ref_in[3], D ** -0.5)
+        ref_g = torch.autograd.grad(ref, ref_in, dout.double())
+        inp = [t.to(dtype).requires_grad_() for t in (q, kk, v)] + [rpb.clone().requires_grad_()]
+        out = na2d(*inp[:3], ks, ds, inp[3], backend="triton")
+        grads = torch.autograd.grad(out, inp, dout.to(dtype))
+        drpb2 = torch.autograd.grad(na2d(*inp[:3], ks, ds, inp[3], backend="triton"), inp[3], dout.to(dtype))[0]
+        row = dict(case=name, dtype=str(dtype).split(".")[-1], out=rel_l2(out, ref),
+                   **{f"d{n}": rel_l2(gr, rg) for n, gr, rg in zip(("q", "k", "v", "rpb"), grads, ref_g)},
+                   drpb_bit_identical=bool(torch.equal(grads[3], drpb2)))
+        # the same with a frozen table (no d_rpb binning in the dq kernel)
+        grads = torch.autograd.grad(na2d(*inp[:3], ks, ds, inp[3].detach(), backend="triton"), inp[:3], dout.to(dtype))
+        row.update({f"d{n}_frozen_rpb": rel_l2(gr, rg) for n, gr, rg in zip("qkv", grads, ref_g)})
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def sweep(jobs: int, compile_only: bool = False) -> list[dict]:
+    from attnzoo.kernels import na2d_triton as T
+
+    work = [(ci, kernel, cand) for ci, case in enumerate(CASES) for kernel in KERNELS for cand in CANDIDATES
+            if _valid(case, T.Tiles(*cand))]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        status = pool.map(_compile_job, work, chunksize=1)
+    if compile_only:
+        return []
+    rows = []
+    for (ci, kernel, cand), st in zip(work, status):
+        case, t = CASES[ci], T.Tiles(*cand)
+        row = dict(case=case[0], kernel=kernel, tiles="{}x{}/{}x{} w{} s{}".format(*cand))
+        if st != "ok":
+            rows.append(dict(row, error=st))
+            continue
+        try:
+            times = kernel_times_ms(_runner(case, kernel, t))
+            row["ms"] = sum(ms for name, ms in times.items() if KERNEL_NAMES[kernel] in name)
+        except Exception as e:
+            row["error"] = type(e).__name__
+        rows.append(row)
+        print(row, flush=True)
+    for case in CASES:
+        for kernel in KERNELS:
+            done = [r for r in rows if r["case"] == case[0] and r["kernel"] == kernel and "ms" in r]
+            if done:
+                best = min(done, key=lambda r: r["ms"])
+                best["best"] = True
+                print(f"best {case[0]:18s} {kernel:5s} {best['tiles']:22s} {best['ms']:.4f} ms", flush=True)
+    return rows
+
+
+def host(case_names=("nat7", "nat14", "nat56")) -> list[dict]:
+    """Wall time per forward+backward (do_bench) against its device time (profiler), beside all-token SDPA
+    in the same harness, and the host's own submit time (no synchronisation, GPU work far below it)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    import torch.nn.functional as F
+
+    from attnzoo.kernels import na2d
+    from benchmarks.harness import gpu_time_ms
+
+    rows = []
+    for case in [c for c in CASES if c[0] in case_names]:
+        name, B, H, W, N, D, k, d = case
+        q, kk, v, rpb = (t.requires_grad_() for t in _inputs(case))
+        dout = torch.randn_like(q)
+        qs, ks, vs = (t.detach().flatten(1, 2).transpose(1, 2).requires_grad_() for t in (q, kk, v))
+        calls = {
+            "na2d rpb": lambda: torch.autograd.grad(na2d(q, kk, v, k, d, rpb, backend="triton"), (q, kk, v, rpb), dout),
+            "na2d": lambda: torch.autograd.grad(na2d(q, kk, v, k, d, backend="triton"), (q, kk, v), dout),
+            "sdpa all tokens": lambda: torch.autograd.grad(F.scaled_dot_product_attention(qs, ks, vs), (qs, ks, vs),
+                                                           dout.flatten(1, 2).transpose(1, 2)),
+        }
+        for label, fn in calls.items():
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(100):
+                fn()
+            submit = (time.perf_counter() - t0) * 10
+            torch.cuda.synchronize()
+            rows.append(dict(case=name, call=label, fwd_bwd_ms=time_ms(fn), gpu_ms=gpu_time_ms(fn), host_submit_ms=submit))
+            print(rows[-1], flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            calls["na2d rpb"]()
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+        print(text.getvalue()[-3500:], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["check", "compile", "sweep", "host"],
+                    help="check: GPU correctness (na2d_check.*); compile: fill Triton's cache for the sweep in "
+                         "worker processes; sweep: time the candidates (na2d_tune.*)")
+    ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    args = ap.parse_args()
+    if args.what == "host":
+        report = Report("na2d_host", "na2d forward+backward: wall, device and host submit time",
+                        notes="do_bench median (wall), summed kernel device time (profiler) and host submit time "
+                              "per call (100 calls without synchronisation), bf16, batch 128.")
+        for row in host():
+            report.add(**row)
+    elif args.what == "check":
+        report = Report("na2d_check", "na2d Triton kernels on the GPU vs the float64 reference",
+                        notes="relative L2 error vs the float64 reference (batch 2 of each sweep case, odd sizes, "
+                              "per-axis kernels and dilations); d_rpb computed twice must be bit-identical.")
+        for row in check():
+            report.add(**row)
+    else:
+        report = Report("na2d_tune", "na2d Triton kernels: tile sweep",
+                        notes="device time of one kernel per call (torch.profiler, mean of 20 calls), bf16, with rpb "
+                              "(dq includes delta and the d_rpb partials).")
+        for row in sweep(args.jobs, compile_only=args.what == "compile"):
+            report.add(**row)
+        if args.what == "compile":
+            return
+    report.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
