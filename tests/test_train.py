@@ -414,7 +414,7 @@ def test_offline_pretrained_names_the_link_and_the_local_file_route(folder, tmp_
     with pytest.raises(UsageError, match=f"davit_t: cannot download the pretrained weights from {hub} "
                                          r".*pretrained_cfg_overlay=dict\(file="):
         validate_run([str(folder), "--model", "davit_t", "--pretrained", "--no-progress"])
-    assert time.perf_counter() - t0 < 10, "the hub client retried instead of failing at once"
+    assert time.perf_counter() - t0 < 20, "the hub client retried instead of failing at once"  # its retries: 45 s
 
 
 def test_interrupt_names_only_a_checkpoint_that_exists(folder, trained, tmp_path, monkeypatch, capsys):
