@@ -60,8 +60,8 @@ def _model_from_training_checkpoint(state: dict, args: Any) -> tuple[torch.nn.Mo
         raise UsageError(f"--model {args.model} but {args.checkpoint} was trained as {arch}: drop --model")
     args.model = arch
     targs = state.get("args", {})
-    kwargs = dict(num_classes=state["num_classes"], in_chans=state["data_config"]["input_size"][0],
-                  **(targs.get("model_kwargs") or {}))
+    kwargs = {**(targs.get("model_kwargs") or {}), "num_classes": state["num_classes"],
+              "in_chans": state["data_config"]["input_size"][0]}
     model = timm.create_model(arch, **kwargs)
     key = "state_dict_ema" if args.use_ema else "state_dict"
     if state.get(key) is None:
