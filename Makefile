@@ -27,7 +27,9 @@ demo: venv
 	  echo "installing dataset-fashion-mnist (apt)"; SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
 	    || echo "apt-get failed: torchvision's downloader will fetch Fashion-MNIST instead"; fi
-	$(PY) tools/train.py --config configs/demo/fashion_mnist.yaml --dataset-download
+	@# a second `make demo` continues (or, when finished, just re-validates) the run in output/demo
+	$(PY) tools/train.py --config configs/demo/fashion_mnist.yaml --dataset-download \
+	  $$([ -f output/demo/last.pth.tar ] && echo --resume output/demo/last.pth.tar)
 	$(PY) tools/validate.py --dataset torch/fashion_mnist --data-dir data --checkpoint output/demo/last.pth.tar
 
 # The 'dense' extra (mmdet 3.x / mmseg 1.x). mmcv 2.1.0 has no prebuilt wheel for this torch: build it once

@@ -1,7 +1,9 @@
-"""The package skeleton: import, version, model listing, and no collision with timm's own names."""
+"""The package skeleton: import, version, model listing, no collision with timm's own names, the README's example."""
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -67,3 +69,13 @@ def test_report_writes_json_and_markdown(tmp_path):
     assert data["rows"][0]["case"] == "a" and "torch" in data["env"] and "device" in data["env"]
     text = md.read_text()
     assert "| case | ms | speedup |" in text and "| a | 1.23 | 3 |" in text
+
+
+def test_readme_kernel_snippet_runs_as_written():
+    """The README's kernel example is copied by users: it must run as it stands (reference path on CPU)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    snippet = next(b for b in blocks if "from attnzoo.kernels import" in b)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["out"].shape == scope["q"].shape and torch.isfinite(scope["out"]).all()

@@ -20,8 +20,11 @@ def main() -> int:
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; continue with --resume <run folder>/last.pth.tar", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        saved = getattr(e, "checkpoint", None)
+        hint = (f"continue with --resume {saved}" if saved else
+                "no epoch finished, so there is no checkpoint to resume: run the command again")
+        print(f"train.py: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -19,7 +19,8 @@ from timm.models import group_parameters
 from torch import nn
 
 import attnzoo
-from attnzoo.backbones._pretrained import download
+from attnzoo.backbones._pretrained import check_weights_file, download
+from attnzoo.training.checkpoint import trained_num_classes
 
 
 class AttnZooBackbone(BaseModule):
@@ -92,8 +93,10 @@ class AttnZooBackbone(BaseModule):
         (the dense output norms); any other mismatch is an error.
         """
         cls_kwargs = {k: v for k, v in self.model_kwargs.items() if k not in KERNEL_PADDED_KWARGS}
-        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=_source(checkpoint),
-                                 **cls_kwargs)
+        source = _source(checkpoint)
+        if source.get("file") and (num_classes := trained_num_classes(source["file"])):
+            cls_kwargs["num_classes"] = source["num_classes"] = num_classes  # the run's head loads as it is
+        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=source, **cls_kwargs)
         src = full.state_dict()
         dst = self.model.state_dict()
         for key, value in src.items():
@@ -159,6 +162,7 @@ def _source(checkpoint: str) -> dict[str, Any]:
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"init_cfg.checkpoint: no such file {checkpoint!r} (expected a path, an http(s) URL "
                                 "or hf-hub:ORG/NAME)")
+    check_weights_file(checkpoint, "init_cfg.checkpoint")
     return dict(file=checkpoint, hf_hub_id=None, url=None)
 
 

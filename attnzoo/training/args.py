@@ -134,9 +134,17 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         if unknown:
             raise UsageError(f"--config {path}: unknown keys {unknown}; keys are flag names with '_' "
                              "(e.g. drop_path for --drop-path)")
+        config_data_dir = cfg.pop("data_dir", None)  # a default only: a positional DIR replaces it too
         parser.set_defaults(**cfg)
+    else:
+        config_data_dir = None
     args = parser.parse_args(argv)
+    return resolve_data_dir(args, config_data_dir)
+
+
+def resolve_data_dir(args: argparse.Namespace, default: str | None = None) -> argparse.Namespace:
+    """One dataset root from the positional DIR, ``--data-dir`` or ``default`` (a config's ``data_dir``)."""
     if args.data and args.data_dir and args.data != args.data_dir:
         raise UsageError(f"got data dir {args.data!r} and --data-dir {args.data_dir!r}; pass one")
-    args.data_dir = args.data_dir or args.data
+    args.data_dir = args.data_dir or args.data or default
     return args

@@ -3,6 +3,9 @@
 Each epoch trains, evaluates (all-reduced over ranks), appends a CSV row, redraws the PNG and writes
 ``last.pth.tar`` atomically with the full state (model, optimizer, scheduler, EMA, scaler, epoch, every
 rank's RNG). ``--resume`` restarts from the last completed epoch and replays it bit for bit.
+
+A run writes into ``<output>/<experiment>`` only while that folder holds no other run's checkpoint or
+metrics (or ``--resume`` points into it); otherwise into a fresh ``<experiment>-N``, as timm's train.py does.
 """
 from __future__ import annotations
 
@@ -33,12 +36,22 @@ from tqdm import tqdm
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.training import checkpoint as ckpt
 from attnzoo.training.args import parse_with_config, train_parser
-from attnzoo.training.data import build_dataset, build_loader, dataset_num_classes
+from attnzoo.backbones._pretrained import WeightsUnavailableError, create_pretrained
+from attnzoo.training.data import (build_dataset, build_loader, check_input_channels, dataset_num_classes,
+                                   fit_data_config, model_in_chans)
 from attnzoo.training.errors import UsageError
 from attnzoo.training.metrics import all_reduce_sums, plot_curves, tensorboard_writer, topk_correct
 
 _logger = logging.getLogger("attnzoo.train")
 _step_logger = logging.getLogger("attnzoo.train.steps")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``checkpoint`` is the file to ``--resume`` from (None before the first one)."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None) -> None:
+        super().__init__()
+        self.run_dir, self.checkpoint = run_dir, checkpoint
 
 
 @dataclass
@@ -70,14 +83,37 @@ def create_model(args: Any, num_classes: int) -> nn.Module:
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     if args.pretrained and args.pretrained_path:
-        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path)
+        path = ckpt.check_file(args.pretrained_path, "--pretrained-path")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        if (trained := ckpt.trained_num_classes(path)) is not None:
+            kwargs["pretrained_cfg_overlay"]["num_classes"] = trained
     try:
-        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        return load_model(args.model, args.pretrained, args.pretrained_path or "", "--pretrained-path", **kwargs)
     except TypeError as e:
         if "img_size" in str(e) and "img_size" in kwargs:  # conv nets take any size: drop the hint
             kwargs.pop("img_size")
-            return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+            return load_model(args.model, args.pretrained, args.pretrained_path or "", "--pretrained-path", **kwargs)
         raise
+
+
+def load_model(name: str, pretrained: bool, file: str, flag: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``; with ``pretrained``, weights from ``file`` (in ``kwargs``' overlay) or the
+    download, and a one-line UsageError naming ``flag`` when they cannot be loaded into the model."""
+    if not pretrained:
+        return timm.create_model(name, **kwargs)
+    try:
+        if file:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        return create_pretrained(name, **kwargs)
+    except WeightsUnavailableError as e:
+        raise UsageError(f"{e}; here: {flag} PATH") from None
+    except TypeError:
+        raise
+    except Exception as e:  # the checkpoint filter or load_state_dict of a file for another model
+        if not file:
+            raise UsageError(f"--pretrained {name}: {str(e).splitlines()[0][:200]}") from None
+        raise UsageError(f"{flag} {file} does not fit {name} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+                         "pass the weights of this model (or the --model they belong to)") from None
 
 
 def _setup_logging(out_dir: Path, rank: int, console: bool) -> None:
@@ -206,13 +242,47 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             dist.destroy_process_group()
 
 
+def requested_folder(args: Any) -> Path:
+    """``<output>/<experiment>``, the experiment defaulting to ``<model>-<dataset>``."""
+    return Path(args.output) / (args.experiment or f"{args.model}-{(args.dataset or 'imagefolder').replace('/', '_')}")
+
+
+def run_folder(args: Any) -> Path:
+    """The folder this run writes: ``--resume``'s folder when it is the requested one (or no ``--experiment``
+    was given), else ``<output>/<experiment>`` unless it holds a run's checkpoint or metrics, else the first
+    ``<experiment>-N`` that does not."""
+    wanted = requested_folder(args)
+    if args.resume:
+        resume_dir = Path(args.resume).resolve().parent
+        if not args.experiment or resume_dir == wanted.resolve():
+            return resume_dir
+    out_dir, n = wanted, 0
+    while _holds_run(out_dir):
+        n += 1
+        out_dir = wanted.with_name(f"{wanted.name}-{n}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _holds_run(folder: Path) -> bool:
+    csv_path = folder / "summary.csv"
+    return any(folder.glob("*.pth.tar")) or (csv_path.is_file() and csv_path.stat().st_size > 0)
+
+
 def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bool) -> TrainResult:
     is_main = rank == 0
     random_seed(args.seed, rank)
-    exp = args.experiment or f"{args.model}-{(args.dataset or 'imagefolder').replace('/', '_')}"
-    out_dir = Path(args.output) / exp
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        ckpt.check_file(args.resume, "--resume")
+    out_dir = [run_folder(args) if is_main else None]
+    if distributed:
+        dist.broadcast_object_list(out_dir, src=0)
+    out_dir = out_dir[0]
     _setup_logging(out_dir, rank, console=args.no_progress)
+    wanted = requested_folder(args)
+    if is_main and not args.resume and out_dir != wanted:
+        _logger.info(f"{wanted} holds another run, kept as it is: this run writes to {out_dir} "
+                     f"(to continue that run instead, pass --resume {wanted / 'last.pth.tar'})")
     show = is_main and not args.no_progress
     check_model_name(args.model)
 
@@ -229,13 +299,14 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
 
     model = create_model(args, args.num_classes)
     if args.initial_checkpoint:
-        state = ckpt.load_file(args.initial_checkpoint)
+        state = ckpt.load_file(args.initial_checkpoint, "--initial-checkpoint")
         sd = state["state_dict"] if ckpt.is_training_checkpoint(state) else state
         ckpt.check_state_dict(model, sd, args.initial_checkpoint)
         model.load_state_dict(sd)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
+    data_config = fit_data_config(resolve_data_config(vars(args), model=model, verbose=is_main),
+                                  model_in_chans(model), args)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -273,6 +344,7 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
     loader_train = build_loader(ds_train, data_config, args.batch_size, True, args, device, distributed)
     loader_eval = build_loader(ds_eval, data_config, args.validation_batch_size or args.batch_size, False, args,
                                device, distributed)
+    check_input_channels(ds_eval, data_config, args.model)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
@@ -281,7 +353,8 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
 
     start_epoch, best, rng_states = 0, None, None
     if args.resume:
-        state = ckpt.load_file(args.resume)
+        ckpt.remove_stale_temp_files(Path(args.resume))
+        state = ckpt.load_file(args.resume, "--resume")
         if not ckpt.is_training_checkpoint(state):
             raise UsageError(f"--resume {args.resume}: not an attnzoo training checkpoint; use --initial-checkpoint "
                              "or --pretrained --pretrained-path for weights-only files")
@@ -319,51 +392,58 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
 
     last: dict[str, float] = {}
     higher_better = args.eval_metric != "loss"
-    for epoch in range(start_epoch, num_epochs):
-        if distributed and hasattr(loader_train.sampler, "set_epoch"):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_m = train_one_epoch(epoch, num_epochs, model, loader_train, optimizer, train_loss, device, args,
-                                  lr_scheduler, autocast, loss_scaler, model_ema, mixup_fn, world, show)
-        eval_m = evaluate(model, loader_eval, device, autocast, args.channels_last, "eval", show)
-        if model_ema is not None:
-            ema_m = evaluate(model_ema.module, loader_eval, device, autocast, args.channels_last, "eval ema", show)
-            eval_m.update({f"ema_{k}": v for k, v in ema_m.items()})
-        lr = optimizer.param_groups[0]["lr"]
-        lr_scheduler.step(epoch + 1, eval_m[args.eval_metric])
-        metric = eval_m[args.eval_metric]
-        improved = best is None or (metric > best if higher_better else metric < best)
-        best = metric if improved else best
-        last = {**{f"train_{k}": v for k, v in train_m.items()}, **{f"eval_{k}": v for k, v in eval_m.items()}}
-        rngs = ckpt.gather_rng_states(world)
-        if is_main:
-            _logger.info(f"epoch {epoch + 1}/{num_epochs}: train loss {train_m['loss']:.4f} "
-                         f"({train_m['img_per_s']:.0f} img/s, {train_m['time_s']:.0f} s) | eval loss "
-                         f"{eval_m['loss']:.4f} top-1 {eval_m['top1']:.2f}% top-5 {eval_m['top5']:.2f}%"
-                         + (f" | EMA top-1 {eval_m['ema_top1']:.2f}%" if model_ema is not None else ""))
-            update_summary(epoch + 1, train_m, eval_m, csv_path, lr=lr,  # header decided here: older timm never writes one
-                           write_header=not csv_path.exists() or csv_path.stat().st_size == 0)
-            if not args.no_plot:
-                plot_curves(csv_path, png_path, title=f"{args.model} on {args.dataset or args.data_dir}")
-            if writer is not None:
-                for k, v in last.items():
-                    writer.add_scalar(k, v, epoch + 1)
-            state = dict(format=ckpt.FORMAT, arch=args.model, epoch=epoch + 1, state_dict=_unwrap(model).state_dict(),
-                         optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(),
-                         state_dict_ema=model_ema.state_dict() if model_ema is not None else None,
-                         ema_sr_generator=model_ema._sr_generator.get_state() if model_ema is not None else None,
-                         scaler=loss_scaler.state_dict() if loss_scaler is not None else None, rng=rngs,
-                         num_classes=args.num_classes, data_config=data_config, metrics=last, best_metric=best,
-                         eval_metric=args.eval_metric, args=vars(args))
-            ckpt.save_atomic(state, out_dir / "last.pth.tar")
-            if improved:
-                ckpt.save_atomic(state, out_dir / "model_best.pth.tar")
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if distributed and hasattr(loader_train.sampler, "set_epoch"):
+                loader_train.sampler.set_epoch(epoch)
+            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            train_m = train_one_epoch(epoch, num_epochs, model, loader_train, optimizer, train_loss, device, args,
+                                      lr_scheduler, autocast, loss_scaler, model_ema, mixup_fn, world, show)
+            eval_m = evaluate(model, loader_eval, device, autocast, args.channels_last, "eval", show)
+            if model_ema is not None:
+                ema_m = evaluate(model_ema.module, loader_eval, device, autocast, args.channels_last, "eval ema", show)
+                eval_m.update({f"ema_{k}": v for k, v in ema_m.items()})
+            lr = optimizer.param_groups[0]["lr"]
+            lr_scheduler.step(epoch + 1, eval_m[args.eval_metric])
+            metric = eval_m[args.eval_metric]
+            improved = best is None or (metric > best if higher_better else metric < best)
+            best = metric if improved else best
+            last = {**{f"train_{k}": v for k, v in train_m.items()}, **{f"eval_{k}": v for k, v in eval_m.items()}}
+            rngs = ckpt.gather_rng_states(world)
+            if is_main:
+                _logger.info(f"epoch {epoch + 1}/{num_epochs}: train loss {train_m['loss']:.4f} "
+                             f"({train_m['img_per_s']:.0f} img/s, {train_m['time_s']:.0f} s) | eval loss "
+                             f"{eval_m['loss']:.4f} top-1 {eval_m['top1']:.2f}% top-5 {eval_m['top5']:.2f}%"
+                             + (f" | EMA top-1 {eval_m['ema_top1']:.2f}%" if model_ema is not None else ""))
+                # header decided here: older timm never writes one
+                update_summary(epoch + 1, train_m, eval_m, csv_path, lr=lr,
+                               write_header=not csv_path.exists() or csv_path.stat().st_size == 0)
+                if not args.no_plot:
+                    plot_curves(csv_path, png_path, title=f"{args.model} on {args.dataset or args.data_dir}")
+                if writer is not None:
+                    for k, v in last.items():
+                        writer.add_scalar(k, v, epoch + 1)
+                state = dict(format=ckpt.FORMAT, arch=args.model, epoch=epoch + 1,
+                             state_dict=_unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=lr_scheduler.state_dict(),
+                             state_dict_ema=model_ema.state_dict() if model_ema is not None else None,
+                             ema_sr_generator=model_ema._sr_generator.get_state() if model_ema is not None else None,
+                             scaler=loss_scaler.state_dict() if loss_scaler is not None else None, rng=rngs,
+                             num_classes=args.num_classes, data_config=data_config, metrics=last, best_metric=best,
+                             eval_metric=args.eval_metric, args=vars(args))
+                ckpt.save_atomic(state, out_dir / "last.pth.tar")
+                if improved:
+                    ckpt.save_atomic(state, out_dir / "model_best.pth.tar")
+    except KeyboardInterrupt:
+        saved = out_dir / "last.pth.tar"
+        raise TrainingInterrupted(out_dir, saved if saved.is_file() else None) from None
+    finally:
+        if writer is not None:
+            writer.close()
     if is_main and last:
         _logger.info(f"done: best eval {args.eval_metric} {best:.4f}; checkpoint {out_dir / 'last.pth.tar'}, "
-                     f"curves {png_path}, metrics {csv_path}")
+                     + ("" if args.no_plot else f"curves {png_path}, ") + f"metrics {csv_path}")
     return TrainResult(_unwrap(model), out_dir, best, last)
 
 

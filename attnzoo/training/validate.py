@@ -18,9 +18,11 @@ from timm.data import resolve_data_config
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.training import checkpoint as ckpt
-from attnzoo.training.data import build_dataset, build_loader, dataset_num_classes
+from attnzoo.training.args import resolve_data_dir
+from attnzoo.training.data import (build_dataset, build_loader, check_input_channels, dataset_num_classes,
+                                   fit_data_config, model_in_chans)
 from attnzoo.training.errors import UsageError
-from attnzoo.training.loop import check_model_name, evaluate
+from attnzoo.training.loop import check_model_name, evaluate, load_model
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -58,9 +60,8 @@ def _model_from_training_checkpoint(state: dict, args: Any) -> tuple[torch.nn.Mo
         raise UsageError(f"--model {args.model} but {args.checkpoint} was trained as {arch}: drop --model")
     args.model = arch
     targs = state.get("args", {})
-    kwargs = dict(num_classes=state["num_classes"], **(targs.get("model_kwargs") or {}))
-    if targs.get("in_chans") is not None or targs.get("input_size") is not None:
-        kwargs["in_chans"] = targs.get("in_chans") or targs["input_size"][0]
+    kwargs = {**(targs.get("model_kwargs") or {}), "num_classes": state["num_classes"],
+              "in_chans": state["data_config"]["input_size"][0]}
     model = timm.create_model(arch, **kwargs)
     key = "state_dict_ema" if args.use_ema else "state_dict"
     if state.get(key) is None:
@@ -76,20 +77,14 @@ def _model_from_training_checkpoint(state: dict, args: Any) -> tuple[torch.nn.Mo
 def _model_from_official(args: Any) -> torch.nn.Module:
     check_model_name(args.model)
     if args.checkpoint:
-        try:
-            return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-        except RuntimeError as e:
-            raise UsageError(f"{args.checkpoint} does not fit {args.model}: {str(e).splitlines()[0]} "
-                             "(wrong variant or truncated file?)") from None
-    return timm.create_model(args.model, pretrained=args.pretrained)
+        return load_model(args.model, True, args.checkpoint, "--checkpoint",
+                          pretrained_cfg_overlay=dict(file=args.checkpoint))
+    return load_model(args.model, args.pretrained, "", "--checkpoint")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate as configured by ``argv``; returns (and prints) loss, top-1 and top-5 in %."""
-    args = validate_parser().parse_args(argv)
-    if args.data and args.data_dir and args.data != args.data_dir:
-        raise UsageError(f"got data dir {args.data!r} and --data-dir {args.data_dir!r}; pass one")
-    args.data_dir = args.data_dir or args.data
+    args = resolve_data_dir(validate_parser().parse_args(argv))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not args.model and not args.checkpoint:
         raise UsageError("pass --model NAME and/or --checkpoint FILE")
@@ -97,7 +92,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_model_name(args.model)
     dataset = build_dataset(args.dataset, args.data_dir, args.split, False, args.dataset_download)
 
-    state = ckpt.load_file(args.checkpoint) if args.checkpoint else None
+    state = ckpt.load_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
     if state is not None and ckpt.is_training_checkpoint(state):
         model, data_config = _model_from_training_checkpoint(state, args)
         overrides = {k: getattr(args, k) for k in ("input_size", "crop_pct", "mean", "std", "interpolation")
@@ -105,12 +100,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.img_size:
             overrides["input_size"] = (data_config["input_size"][0], args.img_size, args.img_size)
         data_config.update(overrides)
+        data_config = fit_data_config(data_config, model_in_chans(model), args)
     else:
         if not args.model:
             raise UsageError(f"{args.checkpoint} is a plain weights file: pass --model NAME for it")
         del state  # timm's pretrained loader reads the file again through the model's checkpoint filter
         model = _model_from_official(args)
-        data_config = resolve_data_config(vars(args), model=model)
+        data_config = fit_data_config(resolve_data_config(vars(args), model=model), model_in_chans(model), args)
 
     found = dataset_num_classes(dataset)
     if found is not None and found != model.num_classes:
@@ -121,6 +117,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.to(memory_format=torch.channels_last)
     args.no_aug, args.train_interpolation = True, data_config["interpolation"]
     loader = build_loader(dataset, data_config, args.batch_size, False, args, device, distributed=False)
+    check_input_channels(dataset, data_config, args.model)
     dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype) if args.amp else contextlib.nullcontext
     metrics = evaluate(model, loader, device, autocast, args.channels_last, "validate", not args.no_progress)
