@@ -1,0 +1,63 @@
+"""One training step of a model, profiled: wall time per step and the top kernels by device time.
+
+Separates GPU time from host time for a whole model (METHOD: time the kernel, then the op, then the model,
+and profile before guessing). bf16 autocast, channels-last input, AdamW, batch 128 at 224².
+
+    python -m benchmarks.profile_step nat_tiny dinat_tiny
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import attnzoo  # noqa: F401  (registers the models)
+
+
+def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12) -> dict:
+    model = timm.create_model(name).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, img_size, img_size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters())
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / 5 * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + e.device_time_total / 1e3
+    gpu_ms = sum(kernels.values())
+    print(name, "step ms", step_ms, "gpu ms", gpu_ms)
+    for k, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms:.2f} {k}")
+    return dict(model=name, step_ms=step_ms, gpu_ms=gpu_ms, img_s=batch / step_ms * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    for name in ap.parse_args().models:
+        profile_step(name)
+
+
+if __name__ == "__main__":
+    main()
