@@ -60,8 +60,8 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
     ``backend``: "auto"/"triton" use the fused SDPA kernels (agent attention has no separate Triton
     kernel: SDPA already fuses it on CUDA), "reference" the explicit softmax(QKᵀ·s + bias)·V math.
     "auto" also takes the explicit math when a bias needs a gradient and a side has more than
-    ``FUSED_GRAD_MAX_TOKENS`` tokens: SDPA's bias gradient is then the slow part (H200, bf16, a 256×256
-    stage-1 map: 138 ms fused vs 40 ms explicit forward+backward; equal at 56×56; ``benchmarks/agent_attention.py``).
+    ``FUSED_GRAD_MAX_TOKENS`` tokens: SDPA's bias gradient is then the slow part (measured in
+    ``benchmarks/results/agent_attention.md``, made by ``benchmarks/agent_attention.py``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"agent_attention: backend must be one of {BACKENDS}, got {backend!r}")

@@ -377,12 +377,12 @@ class _Plan:
 
 @functools.lru_cache(maxsize=512)
 def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: tuple[int, int],
-          dilation: tuple[int, int], has_rpb: bool, rpb_grad: bool, tf32: bool, tiles: Tiles | None) -> _Plan:
+          dilation: tuple[int, int], has_rpb: bool, rpb_grad: bool, tf32: bool) -> _Plan:
     """Everything about a launch that depends only on the problem, computed once (host time is the
     bound on small maps)."""
     B, H, W, N, D = shape
     sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])  # residue 0 has the longest sub-grid
-    t = tiles or choose_tiles(kernel, sub_h, sub_w, kernel_size, D, rpb_grad if kernel == "dq" else has_rpb)
+    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, rpb_grad if kernel == "dq" else has_rpb)
     tiles_y, tiles_x = -(-sub_h // t.BY), -(-sub_w // t.BX)
     walked = dict(QBY=t.KBY, QBX=t.KBX) if kernel == "dkdv" else dict(KBY=t.KBY, KBX=t.KBX)
     prec = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
@@ -404,16 +404,15 @@ def _ab(kernel_size: tuple[int, int]) -> int:
 
 
 def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
-                 kernel_size: tuple[int, int], dilation: tuple[int, int], scale: float,
-                 tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on validated inputs: ``(out [B, H, W, heads, D] contiguous, lse [B, heads, H, W] fp32)``.
-    ``tiles`` overrides :func:`choose_tiles` (tile sweeps in benchmarks)."""
+                 kernel_size: tuple[int, int], dilation: tuple[int, int], scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on validated inputs: ``(out [B, H, W, heads, D] contiguous, lse [B, heads, H, W] fp32)``."""
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, W, N, D = shape = q.shape
     out = torch.empty(shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, N, H, W), dtype=torch.float32, device=q.device)
     plan = _plan("fwd", tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, False,
-                 torch.backends.cuda.matmul.allow_tf32, tiles)
+                 torch.backends.cuda.matmul.allow_tf32)
     rpb = q if rpb is None else rpb.contiguous()  # never read without HAS_RPB
     _na2d_fwd_kernel[plan.grid](
         q, k, v, rpb, out, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0),
@@ -423,21 +422,18 @@ def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.T
 
 def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
                   out: torch.Tensor, lse: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
-                  scale: float, rpb_grad: bool, tiles: dict[str, Tiles] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  scale: float, rpb_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fused backward in two launches: ``(dq, dk, dv, drpb)``, drpb (float32) None unless ``rpb_grad``.
 
     d_rpb is the sum of per-program partials in a fixed order, so it is bit-identical across runs.
-    ``tiles`` maps "dq" / "dkdv" to tile shapes (tile sweeps in benchmarks); missing kinds use the defaults.
     """
     q, k, v = _prep(q), _prep(k), _prep(v)
     dout = dout.contiguous()
-    tiles = tiles or {}
     B, H, W, N, D = shape = q.shape
     rpb_grad = rpb_grad and rpb is not None
     key = (tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, rpb_grad,
            torch.backends.cuda.matmul.allow_tf32)
-    p_dq, p_dkdv = _plan("dq", *key, tiles.get("dq")), _plan("dkdv", *key, tiles.get("dkdv"))
+    p_dq, p_dkdv = _plan("dq", *key), _plan("dkdv", *key)
     ab = p_dq.meta["AB"]
     dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))  # no aliasing: custom-op outputs
     n_partial = p_dq.grid[0] * ab * ab if rpb_grad else 0
