@@ -2,7 +2,7 @@
 # FocalNet and Agent-Swin papers used for their 3x Cascade results.
 _base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py']
 
-custom_imports = dict(imports=['attnzoo.dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['attnzoo.openmmlab'], allow_failed_imports=False)
 
 head_norm_cfg = dict(type='SyncBN', requires_grad=True)  # plain BN on one process (torch falls back)
 
