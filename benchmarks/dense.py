@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.dense needs a CUDA device (the reference path on CPU is not the comparison)")
-    import attnzoo.dense  # noqa: F401  (registers AttnZooBackbone)
+    import attnzoo.openmmlab  # noqa: F401  (registers AttnZooBackbone)
 
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     n, h, w = (1, 320, 512) if args.quick else (2, 800, 1333)

@@ -26,7 +26,7 @@ if not _MISSING:
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import init_default_scope
 
-    import attnzoo.dense  # noqa: F401  (registers AttnZooBackbone)
+    import attnzoo.openmmlab  # noqa: F401  (registers AttnZooBackbone)
     from tools.make_dense_demo_data import CLASSES, main as make_demo_data
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("mm*/*/*.py")

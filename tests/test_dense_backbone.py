@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("mmengine", reason="the dense backbone needs mmengine (the 'dense' extra: make test installs it)")
 
-from attnzoo.dense.backbone import AttnZooBackbone  # noqa: E402
+from attnzoo.openmmlab.backbone import AttnZooBackbone  # noqa: E402
 from tests.parity import load_fixture, save_official_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.dense

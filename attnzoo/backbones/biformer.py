@@ -10,13 +10,14 @@ before the pooled linear head. Module and parameter names follow the official ``
 so official checkpoints (``{"model": state_dict}``) load key for key.
 
 ``biformer_stl`` is the official Swin-Tiny-layout ablation model (``models/biformer_stl.py``: patchify
-stem, BatchNorm patch merging, no position-embedding conv, legacy BRA). The refactored
-``biformer_stl_nchw`` is not registered: its routing pads after the projection and uses a fixed region
-size with a variable region count for maps not divisible by ``n_win``, which the fixed-``n_win``
-routing kernel does not express.
+stem, BatchNorm patch merging, no position-embedding conv, legacy BRA). ``biformer_stl_nchw`` is its
+refactored twin (``models/biformer_stl_nchw.py``, own checkpoint): the same layout with BiFormer's
+refactored BRA, whose region size is ``H // n_win x W // n_win`` so the region count follows the input
+(:class:`attnzoo.blocks.routing.AdaptiveRegionRoutingAttention`), and a last stage whose LePE runs on V.
 
 Dense prediction: any input size works (each routing attention pads its map to multiples of
-``n_win`` and crops, as the official ``auto_pad``); pass ``n_win=16`` (COCO) or ``n_win=8`` (ADE20K
+``n_win`` and crops, as the official ``auto_pad``; ``biformer_stl_nchw`` takes any size whose stride-16
+map has ``n_win`` tokens per side, 112x112 at ``n_win=7``, its regions following the map); pass ``n_win=16`` (COCO) or ``n_win=8`` (ADE20K
 512x512) and, if wanted, ``topks`` at creation, like the official mmdet/mmseg configs.
 """
 from __future__ import annotations
@@ -32,11 +33,12 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
-from attnzoo.blocks.routing import AttentionLePE, BiLevelRoutingAttention
+from attnzoo.blocks.routing import AdaptiveRegionRoutingAttention, AttentionLePE, BiLevelRoutingAttention
 
 __all__ = ["BiFormer", "BiFormerBlock"]
 
 FULL_ATTENTION = -2  # the official code's topk value for global attention with LePE (stage 4)
+LAYOUTS = ("biformer", "stl", "stl_nchw")
 
 
 class BiFormerBlock(nn.Module):
@@ -46,20 +48,23 @@ class BiFormerBlock(nn.Module):
     NCHW in and out, as the official block; attention and MLP run in NHWC. ``topk > 0`` selects
     bi-level routing attention with ``num_heads`` heads, ``topk == -2`` global attention with LePE
     (8 heads, the official default). ``layout="stl"`` is the Swin-Tiny-layout block of the official
-    ablation model: no position-embedding conv and an MLP without the empty slot (keys mlp.0 / mlp.2).
+    ablation model: no position-embedding conv and an MLP without the empty slot (keys mlp.0 / mlp.2);
+    ``layout="stl_nchw"`` is that block of its refactored twin: routing attention with a region grid that
+    follows the input, and LePE on V in global attention.
     """
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
                  side_dwconv: int = 5, drop_path: float = 0.0, layout: str = "biformer") -> None:
         super().__init__()
-        if layout not in ("biformer", "stl"):
-            raise ValueError(f"BiFormerBlock: layout must be 'biformer' or 'stl', got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"BiFormerBlock: layout must be one of {LAYOUTS}, got {layout!r}")
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if layout == "biformer" else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk == FULL_ATTENTION:
-            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
+            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv, lepe_input="v" if layout == "stl_nchw" else "x")
         elif isinstance(topk, int) and not isinstance(topk, bool) and topk > 0:
-            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv)
+            bra = AdaptiveRegionRoutingAttention if layout == "stl_nchw" else BiLevelRoutingAttention
+            self.attn = bra(dim, num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv)
         else:
             raise ValueError(f"BiFormerBlock: topk must be a positive int (routing attention) or "
                              f"{FULL_ATTENTION} (global attention with LePE), got {topk!r}")
@@ -119,7 +124,8 @@ class BiFormer(nn.Module):
             side_dwconv: LePE depthwise kernel size.
             layout: "biformer" (conv stem, conv3x3-s2 downsamplers, position-embedding conv in each block)
                 or "stl" (the official Swin-Tiny-layout ablation model: 4x4 patchify + BatchNorm stem,
-                BatchNorm + conv2x2-s2 patch merging, blocks under ``stages.i.blocks``).
+                BatchNorm + conv2x2-s2 patch merging, blocks under ``stages.i.blocks``) or "stl_nchw"
+                (its refactored twin: the "stl" layout with the blocks of ``BiFormerBlock(layout="stl_nchw")``).
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
         """
         super().__init__()
@@ -146,12 +152,12 @@ class BiFormer(nn.Module):
             )
             downsamplers = [nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, stride=2, padding=1),
                                           nn.BatchNorm2d(embed_dims[i + 1])) for i in range(3)]
-        elif layout == "stl":
+        elif layout in ("stl", "stl_nchw"):
             stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
             downsamplers = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]),
                                           nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, stride=2)) for i in range(3)]
         else:
-            raise ValueError(f"BiFormer: layout must be 'biformer' or 'stl', got {layout!r}")
+            raise ValueError(f"BiFormer: layout must be one of {LAYOUTS}, got {layout!r}")
         self.downsample_layers = nn.ModuleList([stem] + downsamplers)
 
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
@@ -279,8 +285,20 @@ class BiFormer(nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """Official checkpoint -> attnzoo state dict: unwrap ``{"model": state_dict}`` (timm's file loader
     already does; a URL download does not). Key names are the official ones and nothing is renamed or
-    dropped, so a wrong file fails strict loading with its missing/unexpected keys listed."""
-    return dict(state_dict.get("model", state_dict))
+    dropped, so a wrong file fails strict loading with its missing/unexpected keys listed; the 1x1 convs
+    of ``biformer_stl_nchw`` files become Linear weights (:func:`_flatten_stl_nchw_convs`)."""
+    return _flatten_stl_nchw_convs(dict(state_dict.get("model", state_dict)))
+
+
+# ---------------------------------------------------------------- biformer_stl_nchw (official refactored STL)
+
+def _flatten_stl_nchw_convs(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official ``nchwBiFormerSTL`` runs its block projections (``attn.qkv_linear``,
+    ``attn.output_linear``, last-stage ``attn.qkv``/``attn.proj``, ``mlp.0``/``mlp.2``) as 1x1 convs;
+    here they are Linear layers with the same keys. Only ``[out, in, 1, 1]`` weights inside ``stages``
+    change (no other BiFormer file has any), so attnzoo's own state dicts pass unchanged."""
+    return {k: v.flatten(1) if k.startswith("stages.") and v.dim() == 4 and v.shape[2:] == (1, 1) else v
+            for k, v in state_dict.items()}
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
@@ -321,6 +339,10 @@ default_cfgs = generate_default_cfgs({
     "biformer_stl.in1k": _cfg(
         url=_ONEDRIVE.format("s!AkBbczdRlZvChSf-m7ujkvx9lIQ1"), file_name="biformer_stl_in1k.pth",
         notes=("ImageNet-1k top-1 82.7 (official; Swin-Tiny-layout ablation model)",)),
+    "biformer_stl_nchw.in1k": _cfg(
+        url=_ONEDRIVE.format("s!AkBbczdRlZvChWYrKbWbMgqd2Ai0"), file_name="biformer_stl_nchw_in1k.pth",
+        min_input_size=(3, 112, 112),
+        notes=("ImageNet-1k top-1 82.7 (official; refactored BRA, region count follows the input)",)),
 })
 
 
@@ -350,3 +372,11 @@ def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
     """BiFormer-STL: Swin-T layout (depths 2-2-6-2, widths 96-768, MLP ratio 4) with BRA (28.4 M params)."""
     model_args = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratios=4.0, layout="stl")
     return _create_biformer("biformer_stl", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_stl_nchw(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-STL-nchw: BiFormer-STL with the refactored BRA (regions of H // 7 x W // 7 tokens; 28.4 M
+    params). Inputs of at least 112x112, where the stage-3 map still has 7 tokens per side."""
+    model_args = dict(depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratios=4.0, layout="stl_nchw")
+    return _create_biformer("biformer_stl_nchw", pretrained, **dict(model_args, **kwargs))

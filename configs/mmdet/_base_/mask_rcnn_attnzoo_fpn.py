@@ -2,7 +2,7 @@
 # drop path, checkpoint and the FPN input widths.
 _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py']
 
-custom_imports = dict(imports=['attnzoo.dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['attnzoo.openmmlab'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(

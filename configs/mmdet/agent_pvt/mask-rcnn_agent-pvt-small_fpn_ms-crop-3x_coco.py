@@ -1,12 +1,9 @@
-# agent_pvt_s (agent-pvt-small). Knobs from LeapLabTHU/Agent-Attention downstream/detection/configs/agent_pvt/*_mrcnn_1x_12-16-28-28.py (AdamW 2e-4, wd 1e-4); the official segmentation uses Semantic FPN, UPerNet here uses Swin's recipe.
-_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# agent_pvt_s (agent-pvt-small), 3x: its 1x config trained 36 epochs with multi-scale + crop augmentation
+# (../_base_/ms_crop_3x.py).
+_base_ = ['./mask-rcnn_agent-pvt-small_fpn_1x_coco.py', '../_base_/ms_crop_3x.py']
 
-model = dict(
-    backbone=dict(
-        model_name='agent_pvt_s',
-        drop_path_rate=0.1,
-        model_kwargs={'agent_shapes': [(12, 12), (16, 16), (28, 28), (28, 28)]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1')),
-    neck=dict(in_channels=[64, 128, 320, 512]))
-
-optim_wrapper = dict(optimizer=dict(lr=0.0002, weight_decay=0.0001))
+max_epochs = _base_.ms_crop_3x.max_epochs
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = _base_.ms_crop_3x.param_scheduler
+train_pipeline = _base_.ms_crop_3x.train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))

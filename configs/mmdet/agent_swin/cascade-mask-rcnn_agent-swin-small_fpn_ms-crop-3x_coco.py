@@ -1,10 +1,5 @@
-# agent_swin_s (agent-swin-small). Knobs from LeapLabTHU/Agent-Attention downstream/detection/configs/agent_swin/*_9-12-14-7.py, downstream/segmentation/configs/agent_swin/upernet_agent_swin_*_9-12-14-7.py.
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# agent_swin_s (agent-swin-small), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_agent-swin-small_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='agent_swin_s',
-        drop_path_rate=0.2,
-        model_kwargs={'agent_shapes': [(9, 9), (12, 12), (14, 14), (7, 7)]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+model = _base_.cascade_mask_rcnn

@@ -1,10 +1,9 @@
-# agent_swin_t (agent-swin-tiny). Knobs from LeapLabTHU/Agent-Attention downstream/detection/configs/agent_swin/*_9-12-14-7.py, downstream/segmentation/configs/agent_swin/upernet_agent_swin_*_9-12-14-7.py.
-_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# agent_swin_t (agent-swin-tiny), 3x: its 1x config trained 36 epochs with multi-scale + crop augmentation
+# (../_base_/ms_crop_3x.py).
+_base_ = ['./mask-rcnn_agent-swin-tiny_fpn_1x_coco.py', '../_base_/ms_crop_3x.py']
 
-model = dict(
-    backbone=dict(
-        model_name='agent_swin_t',
-        drop_path_rate=0.1,
-        model_kwargs={'agent_shapes': [(9, 9), (12, 12), (14, 14), (7, 7)]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+max_epochs = _base_.ms_crop_3x.max_epochs
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = _base_.ms_crop_3x.param_scheduler
+train_pipeline = _base_.ms_crop_3x.train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))

@@ -1,10 +1,9 @@
-# biformer_tiny (biformer-tiny). Knobs from rayleizhu/BiFormer object_detection/configs/coco/maskrcnn.1x.biformer_small.py, semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
-_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# biformer_tiny (biformer-tiny), 3x: its 1x config trained 36 epochs with multi-scale + crop augmentation
+# (../_base_/ms_crop_3x.py).
+_base_ = ['./mask-rcnn_biformer-tiny_fpn_1x_coco.py', '../_base_/ms_crop_3x.py']
 
-model = dict(
-    backbone=dict(
-        model_name='biformer_tiny',
-        drop_path_rate=0.1,
-        model_kwargs={'n_win': 16, 'topks': [1, 4, 16, -2]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+max_epochs = _base_.ms_crop_3x.max_epochs
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = _base_.ms_crop_3x.param_scheduler
+train_pipeline = _base_.ms_crop_3x.train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))

@@ -1,11 +1,5 @@
-# dinat_small (dinat-small). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat, segmentation/configs/dinat.
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# dinat_small (dinat-small), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_dinat-small_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='dinat_small',
-        drop_path_rate=0.3,
-        model_kwargs={'dilations': [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7],
-               [1, 3, 1, 3, 1]]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+model = dict(_base_.cascade_mask_rcnn, backbone=dict(drop_path_rate=0.3))

@@ -1,11 +1,5 @@
-# dinat_tiny (dinat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat, segmentation/configs/dinat.
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# dinat_tiny (dinat-tiny), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_dinat-tiny_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='dinat_tiny',
-        drop_path_rate=0.2,
-        model_kwargs={'dilations': [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7],
-               [1, 3, 1, 3, 1]]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+model = _base_.cascade_mask_rcnn

@@ -1,10 +1,5 @@
-# focalnet_t_lrf (focalnet-tiny). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9, levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# focalnet_t_lrf (focalnet-tiny), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_focalnet-tiny_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='focalnet_t_lrf',
-        drop_path_rate=0.3,
-        model_kwargs={'focal_windows': [9, 9, 9, 9]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/microsoft/FocalNet/releases/download/v1.0.0/focalnet_tiny_lrf.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+model = _base_.cascade_mask_rcnn

@@ -1,10 +1,9 @@
-# focalnet_s_lrf (focalnet-small). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9, levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
-_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# focalnet_s_lrf (focalnet-small), 3x: its 1x config trained 36 epochs with multi-scale + crop augmentation
+# (../_base_/ms_crop_3x.py).
+_base_ = ['./mask-rcnn_focalnet-small_fpn_1x_coco.py', '../_base_/ms_crop_3x.py']
 
-model = dict(
-    backbone=dict(
-        model_name='focalnet_s_lrf',
-        drop_path_rate=0.3,
-        model_kwargs={'focal_windows': [9, 9, 9, 9]},
-        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/microsoft/FocalNet/releases/download/v1.0.0/focalnet_small_lrf.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+max_epochs = _base_.ms_crop_3x.max_epochs
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = _base_.ms_crop_3x.param_scheduler
+train_pipeline = _base_.ms_crop_3x.train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))

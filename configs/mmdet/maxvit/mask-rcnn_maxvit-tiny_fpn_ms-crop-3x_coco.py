@@ -1,9 +1,9 @@
-# maxvit_t (maxvit-tiny). Knobs from no official MaxViT dense release: Swin's recipe (mmdet/mmseg Swin configs); windows pad to 7.
-_base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# maxvit_t (maxvit-tiny), 3x: its 1x config trained 36 epochs with multi-scale + crop augmentation
+# (../_base_/ms_crop_3x.py).
+_base_ = ['./mask-rcnn_maxvit-tiny_fpn_1x_coco.py', '../_base_/ms_crop_3x.py']
 
-model = dict(
-    backbone=dict(
-        model_name='maxvit_t',
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='hf-hub:timm/maxvit_tiny_tf_224.in1k')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+max_epochs = _base_.ms_crop_3x.max_epochs
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = _base_.ms_crop_3x.param_scheduler
+train_pipeline = _base_.ms_crop_3x.train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))

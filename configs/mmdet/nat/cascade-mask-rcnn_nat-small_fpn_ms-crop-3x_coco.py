@@ -1,9 +1,5 @@
-# nat_small (nat-small). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat, segmentation/configs/nat.
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# nat_small (nat-small), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_nat-small_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='nat_small',
-        drop_path_rate=0.3,
-        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/nat/checkpoints/CLS/nat_small.pth')),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+model = dict(_base_.cascade_mask_rcnn, backbone=dict(drop_path_rate=0.3))

@@ -1,9 +1,5 @@
-# nat_tiny (nat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat, segmentation/configs/nat.
-_base_ = ['../_base_/cascade_mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_3x_ms_crop_adamw.py']
+# nat_tiny (nat-tiny), Cascade Mask R-CNN: its 3x Mask R-CNN config with the cascade heads of
+# ../_base_/cascade_mask_rcnn_attnzoo_fpn.py.
+_base_ = ['./mask-rcnn_nat-tiny_fpn_ms-crop-3x_coco.py', '../_base_/cascade_mask_rcnn_attnzoo_fpn.py']
 
-model = dict(
-    backbone=dict(
-        model_name='nat_tiny',
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+model = _base_.cascade_mask_rcnn

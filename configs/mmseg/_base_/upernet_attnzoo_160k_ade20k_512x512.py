@@ -3,7 +3,7 @@
 # backbone is swapped for an attnzoo one (a variant file names it and the head widths).
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 
-custom_imports = dict(imports=['attnzoo.dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['attnzoo.openmmlab'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(

@@ -2,7 +2,7 @@
 
 ``AttnZooBackbone`` builds the timm model, keeps only the levels the neck asks for
 (``prune_intermediate_layers``), returns NCHW maps from ``forward_intermediates`` and adds the per-level
-output norms every official dense wrapper adds. Classification checkpoints (official files or timm
+output norms every official detection/segmentation wrapper adds. Classification checkpoints (official files or timm
 weights) load through the family's converter: ``init_cfg=dict(type="Pretrained", checkpoint=PATH)``.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class AttnZooBackbone(BaseModule):
         drop_path_rate: stochastic depth of the backbone.
         frozen_stages: freeze the stem and the first ``frozen_stages`` levels (-1: none).
         norm_eval: keep BatchNorm layers in eval mode while training (BiFormer's stem).
-        out_norms: add a LayerNorm per returned level, as the official dense backbones do.
+        out_norms: add a LayerNorm per returned level, as the official detection/segmentation backbones do.
         model_kwargs: family knobs for dense use, passed to ``timm.create_model`` (e.g. BiFormer
             ``n_win=16``, DiNAT ``dilations``, Agent ``agent_shapes``).
         init_cfg: ``dict(type="Pretrained", checkpoint=PATH)`` loads a classification checkpoint (the
