@@ -15,6 +15,7 @@ whole ``bra(backend="auto")`` (routing included; its note names the path the rul
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import time
 from typing import Callable
@@ -28,7 +29,8 @@ from attnzoo.kernels import bra_triton
 from attnzoo.kernels.bra import _bra_triton, auto_backend, choose_deterministic
 from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import region_partition, route_regions
-from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
+from benchmarks.harness import (RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib,
+                                time_ms)
 
 # name, B, H, W, heads, D, n_win, topk
 CASES = [
@@ -103,8 +105,10 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
     index = route_regions(q, k, n_win, topk, D ** -0.5)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     base = dict(case=name, shape=f"B{B} {H}x{W} h{heads} d{D}", regions=f"{n_win}x{n_win} of {T}", topk=topk,
-                fwd_floor_us=1e6 * max(c["fwd_flops"] / (ceilings["tflops"] * 1e12), c["fwd_bytes"] / (ceilings["gbs"] * 1e9)),
-                fb_floor_us=1e6 * max(c["fb_flops"] / (ceilings["tflops"] * 1e12), c["fb_bytes"] / (ceilings["gbs"] * 1e9)))
+                fwd_floor_us=1e6 * max(c["fwd_flops"] / (ceilings["tflops"] * 1e12),
+                                       c["fwd_bytes"] / (ceilings["gbs"] * 1e9)),
+                fb_floor_us=1e6 * max(c["fb_flops"] / (ceilings["tflops"] * 1e12),
+                                      c["fb_bytes"] / (ceilings["gbs"] * 1e9)))
 
     methods: dict[str, tuple[Callable, list[torch.Tensor], torch.Tensor] | str] = {}
     scale = D ** -0.5
@@ -140,7 +144,8 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
             raise RuntimeError(f"regions of {T} tokens are smaller than a flex block (64+)")
         fn, block = flex_fn(index, B, N, T, R)
         rm = [region_partition(t, n_win).flatten(1, 2).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
-        methods[f"flex (block {block})"] = (fn, rm, region_partition(grad, n_win).flatten(1, 2).transpose(1, 2).contiguous())
+        grad_rm = region_partition(grad, n_win).flatten(1, 2).transpose(1, 2).contiguous()
+        methods[f"flex (block {block})"] = (fn, rm, grad_rm)
     except Exception as e:  # noqa: BLE001 - the row records why flex could not run
         methods["flex"] = f"not run: {str(e)[:100]}"
 
@@ -219,10 +224,10 @@ def sweep(report: Report, cases, deadline: float, variants: int | None = None) -
                     continue
                 with override_config(kernel, **changes):
                     if kernel == "fwd":
-                        fn = lambda: bra_triton.routed_attention_fwd(q, k, v, index, n_win, D ** -0.5)
+                        fn = functools.partial(bra_triton.routed_attention_fwd, q, k, v, index, n_win, D ** -0.5)
                     else:
-                        det = kernel == "dkdv"
-                        fn = lambda: bra_triton.routed_attention_bwd(grad, q, k, v, out, lse, index, n_win, D ** -0.5, det)
+                        fn = functools.partial(bra_triton.routed_attention_bwd, grad, q, k, v, out, lse, index,
+                                               n_win, D ** -0.5, kernel == "dkdv")
                     try:
                         ms = time_ms(fn)
                     except Exception as e:  # noqa: BLE001

@@ -3,14 +3,15 @@
 One forward+backward (``model.loss`` on synthetic 1333x800 images with boxes and masks, batch 2, fp16
 autocast) built from the shipped 1x configs without pretrained weights; the same model is timed with
 ``set_attention_backend(model, "auto")`` (the attnzoo kernels) and ``"reference"``. Peak memory is the
-CUDA high-water mark of one step above what the model and inputs already hold. Target (issue 11): kernels >= 2x faster and <= 1/2
-the peak memory of the reference path.
+CUDA high-water mark of one step above what the model and inputs already hold. Target (issue 11): kernels
+>= 2x faster and <= 1/2 the peak memory of the reference path.
 
     python -m benchmarks.dense [--quick] [--out DIR]      # needs the 'dense' extra and a CUDA device
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for backend in ("reference", "auto"):
             set_attention_backend(model, backend)
-            ms = time_ms(lambda: step(model, data, dtype), warmup=100 if not args.quick else 10,
-                         rep=500 if not args.quick else 20)
-            mib = peak_memory_mib(lambda: step(model, data, dtype))
+            run = functools.partial(step, model, data, dtype)
+            ms = time_ms(run, warmup=100 if not args.quick else 10, rep=500 if not args.quick else 20)
+            mib = peak_memory_mib(run)
             results[backend] = (ms, mib)
         ref_ms, ref_mib = results["reference"]
         for backend, (ms, mib) in results.items():

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--models", nargs="*", help="model names (default: T/S of every family and their peers)")
     p.add_argument("--backends", nargs="*", default=["auto"], help="backends for --models")
     p.add_argument("--families", nargs="*", help="only these families of the default cases (e.g. NAT BiFormer)")
-    p.add_argument("--kwargs", type=json.loads, default={}, help='model kwargs as JSON for --models, e.g. \'{"n_win": 16}\'')
+    p.add_argument("--kwargs", type=json.loads, default={},
+                   help='model kwargs as JSON for --models, e.g. \'{"n_win": 16}\'')
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")

@@ -29,7 +29,8 @@ from benchmarks.na2d_flex import na2d_flex
 
 # (group, H, W, heads, D, kernel, dilation, batch, rpb)
 NAT = [("nat", s, s, h, 32, 7, 1, 128, rpb) for s, h in ((56, 2), (28, 4), (14, 8), (7, 16)) for rpb in (True, False)]
-DINAT = [("dinat", s, s, h, 32, 7, d, 128, rpb) for s, h, d in ((56, 2, 8), (28, 4, 4), (14, 8, 2)) for rpb in (True, False)]
+DINAT = [("dinat", s, s, h, 32, 7, d, 128, rpb)
+         for s, h, d in ((56, 2, 8), (28, 4, 4), (14, 8, 2)) for rpb in (True, False)]
 HIRES = [("hires", 256, 256, 4, 64, 13, 1, 4, rpb) for rpb in (True, False)] + [
     ("hires", 128, 128, 4, 32, k, 1, 8, True) for k in (7, 13)]
 QUICK = [("nat", 56, 56, 2, 32, 7, 1, 8, True), ("dinat", 56, 56, 2, 32, 7, 8, 8, True)]
@@ -127,7 +128,8 @@ def main() -> None:
         "importable here.")
     report = Report("na2d", "na2d: fused Triton neighborhood attention vs baselines", notes=notes,
                     columns=["group", "case", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
-                             "gpu_ms", "fwd_floor_ms", "fwd_bwd_floor_ms", "triton_speedup_fwd", "triton_speedup_fwd_bwd",
+                             "gpu_ms", "fwd_floor_ms", "fwd_bwd_floor_ms", "triton_speedup_fwd",
+                             "triton_speedup_fwd_bwd",
                              "auto_picks", "error"])
     for case in cases:
         for row in _bench_case(case, args.backends.split(","), bw, args.reps):

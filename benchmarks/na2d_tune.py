@@ -198,7 +198,8 @@ def host(case_names=("nat7", "nat14", "nat56")) -> list[dict]:
                 fn()
             submit = (time.perf_counter() - t0) * 10
             torch.cuda.synchronize()
-            rows.append(dict(case=name, call=label, fwd_bwd_ms=time_ms(fn), gpu_ms=gpu_time_ms(fn), host_submit_ms=submit))
+            rows.append(dict(case=name, call=label, fwd_bwd_ms=time_ms(fn), gpu_ms=gpu_time_ms(fn),
+                             host_submit_ms=submit))
             print(rows[-1], flush=True)
         prof = cProfile.Profile()
         prof.enable()

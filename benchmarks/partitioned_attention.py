@@ -22,7 +22,8 @@ from timm.models.maxxvit import grid_partition, grid_reverse, window_partition, 
 
 from attnzoo.kernels.partitioned_attention import auto_backend, partitioned_attention
 from attnzoo.kernels.partitioned_attention_reference import partition_mask, rpb_bias
-from benchmarks.harness import RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib, time_ms
+from benchmarks.harness import (RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib,
+                                time_ms)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: --quick smoke run under TRITON_INTERPRET=1
 
@@ -191,7 +192,7 @@ def bench_model(rep: Report) -> None:
                    kernel_fb_mib=peak_memory_mib(step), img_per_s=128 / ms * 1e3)
         rep.add(**row)
         print(row, flush=True)
-        del model, opt
+        del step  # the closure holds model and opt
         torch.cuda.empty_cache()
 
 
@@ -207,7 +208,8 @@ def main() -> None:
     notes = ("Kernel alone vs timm's partition + SDPA-with-bias path, bf16; ms = do_bench median; fb = forward+"
              "backward; mib = peak extra memory of forward+backward; err = relative L2 vs float64 reference "
              "(batch slice); floor = max(FLOPs / measured matmul rate, bytes / measured copy bandwidth)"
-             + (f"; measured ceilings {ceilings['gbs']:.0f} GB/s, {ceilings['tflops']:.0f} TFLOP/s" if ceilings else ""))
+             + (f"; measured ceilings {ceilings['gbs']:.0f} GB/s, {ceilings['tflops']:.0f} TFLOP/s"
+                if ceilings else ""))
     rep = Report("partitioned_attention", "Partitioned attention kernel vs timm partition + SDPA (bf16)", notes=notes)
     for case in QUICK_CASES if args.quick else CASES:
         bench_case(rep, case, ceilings)

@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
 KERNEL_RESULTS = ["na2d", "bra", "partitioned_attention", "agent_attention"]
-SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models", "models_biformer_1024"]), ("Scaling with resolution", ["scaling"]),
-            ("Training loop", ["train_throughput"]), ("Dense prediction", ["dense"])]
+SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models", "models_biformer_1024"]),
+            ("Scaling with resolution", ["scaling"]), ("Training loop", ["train_throughput"]),
+            ("Dense prediction", ["dense"])]
 
 
 def _load(results_dir: Path, name: str) -> dict | None:

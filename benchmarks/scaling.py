@@ -77,7 +77,8 @@ def run(models: list[str], sizes: list[int], pixels_per_step: int, name: str = "
                 torch.cuda.empty_cache()
         ok = [r for r in rows if "error" not in r]
         t_slope = loglog_slope([r["pixels"] for r in ok], [r["ms_per_image"] for r in ok])
-        m_slope = loglog_slope([r["pixels"] for r in ok], [r["mib_per_image"] for r in ok]) if device.type == "cuda" else None
+        m_slope = (loglog_slope([r["pixels"] for r in ok], [r["mib_per_image"] for r in ok])
+                   if device.type == "cuda" else None)
         for r in rows:
             report.add(**r, time_slope=t_slope, memory_slope=m_slope)
     report.save(out_dir) if out_dir else report.save()
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--name", default=None)
     a = p.parse_args(argv)
     sizes = [64, 96] if a.quick else a.sizes
-    return run(a.models, sizes, 1 if a.quick else a.pixels_per_step, a.name or ("scaling_quick" if a.quick else "scaling"), a.out_dir)
+    name = a.name or ("scaling_quick" if a.quick else "scaling")
+    return run(a.models, sizes, 1 if a.quick else a.pixels_per_step, name, a.out_dir)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ class FusedOp:
         self.bwd_op.register_fake(fake_backward)
         self.fwd_op.register_autograd(self._compiled_backward, setup_context=self._setup_context)
         self.function = type(f"{name}_function", (torch.autograd.Function,), dict(
-            forward=staticmethod(self._eager_forward), backward=staticmethod(once_differentiable(self._eager_backward))))
+            forward=staticmethod(self._eager_forward),
+            backward=staticmethod(once_differentiable(self._eager_backward))))
 
     def __call__(self, *args) -> torch.Tensor:
         if torch.compiler.is_compiling():

@@ -19,8 +19,9 @@ Backends (:data:`attnzoo.kernels._op.BACKENDS`): ``"reference"`` (the gather for
   (run-to-run rounding noise) or an inverted region index with a fixed summation order
   (bit-reproducible). ``deterministic=None`` picks the inverted index for regions of
   ``T >= DETERMINISTIC_MIN_REGION_TOKENS`` tokens: with the eager autograd path it measured faster at
-  every BiFormer shape, so the threshold is 0 and atomics run only when asked for. ``True``/``False`` force a mode; ``torch.use_deterministic_algorithms(True)`` always forces
-  the inverted index. The dense and reference backends are deterministic as far as torch's own kernels are.
+  every BiFormer shape, so the threshold is 0 and atomics run only when asked for. ``True``/``False``
+  force a mode; ``torch.use_deterministic_algorithms(True)`` always forces the inverted index. The dense
+  and reference backends are deterministic as far as torch's own kernels are.
 """
 from __future__ import annotations
 

@@ -435,7 +435,8 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
            torch.backends.cuda.matmul.allow_tf32)
     p_dq, p_dkdv = _plan("dq", *key), _plan("dkdv", *key)
     ab = p_dq.meta["AB"]
-    dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))  # no aliasing: custom-op outputs
+    # three allocations: outputs of a custom op may not alias each other
+    dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))
     n_partial = p_dq.grid[0] * ab * ab if rpb_grad else 0
     scratch = torch.empty(lse.numel() + n_partial, dtype=torch.float32, device=q.device)
     delta, partial = scratch[:lse.numel()], scratch[lse.numel():]  # delta [B, heads, H, W]; d_rpb partials

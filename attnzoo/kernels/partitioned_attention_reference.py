@@ -18,7 +18,8 @@ def padded_size(size: int, part: int) -> int:
     return -(-size // part) * part
 
 
-def _row_labels(length: int, padded: int, part: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_labels(length: int, padded: int, part: int, shift: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position of the shifted, padded axis: whether it is a real token and its Swin region (0, 1 or 2)."""
     r = torch.arange(padded, device=device)
     valid = ((r + shift) % padded) < length
@@ -73,7 +74,8 @@ def partition_mask(H: int, W: int, part: tuple[int, int], mode: str, shift: tupl
 @functools.lru_cache(maxsize=64)
 def relative_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
     """``[N*N]`` index into a flattened ``[2ph-1, 2pw-1]`` table for every (query, key) pair of a partition:
-    ``(ky - qy + ph - 1) * (2pw - 1) + (kx - qx + pw - 1)`` (cached per size and device; built outside inference mode so that a cache filled during an
+    ``(ky - qy + ph - 1) * (2pw - 1) + (kx - qx + pw - 1)`` (cached per size and device; built outside inference
+    mode so that a cache filled during an
     ``inference_mode`` forward can still be saved for backward by a later training step)."""
     with torch.inference_mode(False):
         n = torch.arange(ph * pw, device=device)

@@ -33,7 +33,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="nat_nano", help="registered timm or attnzoo model name")
     g.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
     g.add_argument("--pretrained-path", default=None, metavar="FILE", help="official checkpoint file for --pretrained")
-    g.add_argument("--initial-checkpoint", default="", metavar="FILE", help="load model weights from a training checkpoint")
+    g.add_argument("--initial-checkpoint", default="", metavar="FILE",
+                   help="load model weights from a training checkpoint")
     g.add_argument("--resume", default="", metavar="FILE", help="resume full training state from a training checkpoint")
     g.add_argument("--no-resume-opt", action="store_true", help="on --resume, restore only the model weights")
     g.add_argument("--num-classes", type=int, default=None, metavar="N")

@@ -145,7 +145,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     if mismatched and set(mismatched) <= head_keys | {k.replace(".weight", ".bias") for k in head_keys}:
         k = mismatched[0]
         raise UsageError(f"{source} has {state_dict[k].shape[0]} classes but the model/dataset has "
-                         f"{own[k].shape[0]}: use a dataset with the checkpoint's classes or pass matching --num-classes")
+                         f"{own[k].shape[0]}: use a dataset with the checkpoint's classes or pass matching "
+                         "--num-classes")
     if missing or unexpected or mismatched:
         raise UsageError(f"{source} does not fit the model: {len(missing)} missing keys {missing[:3]}, "
                          f"{len(unexpected)} unexpected {unexpected[:3]}, shape mismatches {mismatched[:3]}; "

@@ -26,7 +26,8 @@ from attnzoo.training.loop import check_model_name, evaluate, load_model
 
 
 def validate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a timm/attnzoo model checkpoint on an ImageFolder or timm dataset")
+    p = argparse.ArgumentParser(
+        description="Evaluate a timm/attnzoo model checkpoint on an ImageFolder or timm dataset")
     p.add_argument("data", nargs="?", metavar="DIR", help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", metavar="DIR", default=None)
     p.add_argument("--dataset", default="", help="timm dataset name: '' = ImageFolder, 'torch/fashion_mnist', ...")
@@ -125,7 +126,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   images=len(dataset), input_size=list(data_config["input_size"]),
                   **{k: round(v, 4) for k, v in metrics.items()})
     print(f"{args.model}{' (EMA)' if args.use_ema else ''} on {args.dataset or args.data_dir} [{args.split}, "
-          f"{len(dataset)} images]: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}")
+          f"{len(dataset)} images]: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+          f"loss {metrics['loss']:.4f}")
     if args.results_file:
         with open(args.results_file, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,4 +1,6 @@
-# agent_pvt_s (agent-pvt-small). Knobs from LeapLabTHU/Agent-Attention downstream/detection/configs/agent_pvt/*_mrcnn_1x_12-16-28-28.py (AdamW 2e-4, wd 1e-4); the official segmentation uses Semantic FPN, UPerNet here uses Swin's recipe.
+# agent_pvt_s (agent-pvt-small). Knobs from LeapLabTHU/Agent-Attention
+# downstream/detection/configs/agent_pvt/*_mrcnn_1x_12-16-28-28.py (AdamW 2e-4, wd 1e-4); the official segmentation uses
+# Semantic FPN, UPerNet here uses Swin's recipe.
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

@@ -1,4 +1,6 @@
-# agent_swin_t (agent-swin-tiny). Knobs from LeapLabTHU/Agent-Attention downstream/detection/configs/agent_swin/*_9-12-14-7.py, downstream/segmentation/configs/agent_swin/upernet_agent_swin_*_9-12-14-7.py.
+# agent_swin_t (agent-swin-tiny). Knobs from LeapLabTHU/Agent-Attention
+# downstream/detection/configs/agent_swin/*_9-12-14-7.py,
+# downstream/segmentation/configs/agent_swin/upernet_agent_swin_*_9-12-14-7.py.
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

@@ -1,4 +1,6 @@
-# biformer_tiny (biformer-tiny). Knobs from rayleizhu/BiFormer object_detection/configs/coco/maskrcnn.1x.biformer_small.py, semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
+# biformer_tiny (biformer-tiny). Knobs from rayleizhu/BiFormer
+# object_detection/configs/coco/maskrcnn.1x.biformer_small.py,
+# semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

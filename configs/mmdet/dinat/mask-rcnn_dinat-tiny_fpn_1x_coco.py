@@ -1,4 +1,5 @@
-# dinat_tiny (dinat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat, segmentation/configs/dinat.
+# dinat_tiny (dinat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat,
+# segmentation/configs/dinat.
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

@@ -1,4 +1,5 @@
-# focalnet_s_lrf (focalnet-small). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9, levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
+# focalnet_s_lrf (focalnet-small). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9,
+# levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

@@ -1,4 +1,5 @@
-# maxvit_s (maxvit-small). Knobs from no official MaxViT dense release: Swin's recipe (mmdet/mmseg Swin configs); windows pad to 7.
+# maxvit_s (maxvit-small). Knobs from no official MaxViT dense release: Swin's recipe (mmdet/mmseg Swin configs);
+# windows pad to 7.
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

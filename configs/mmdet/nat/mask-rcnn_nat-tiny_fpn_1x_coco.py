@@ -1,4 +1,5 @@
-# nat_tiny (nat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat, segmentation/configs/nat.
+# nat_tiny (nat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat,
+# segmentation/configs/nat.
 _base_ = ['../_base_/mask_rcnn_attnzoo_fpn.py', '../_base_/schedule_1x_adamw.py']
 
 model = dict(

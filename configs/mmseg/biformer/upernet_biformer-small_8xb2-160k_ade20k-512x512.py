@@ -1,4 +1,6 @@
-# biformer_small (biformer-small). Knobs from rayleizhu/BiFormer object_detection/configs/coco/maskrcnn.1x.biformer_small.py, semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
+# biformer_small (biformer-small). Knobs from rayleizhu/BiFormer
+# object_detection/configs/coco/maskrcnn.1x.biformer_small.py,
+# semantic_segmentation/configs/ade20k/upernet.biformer_small.py (no official tiny: drop path lowered one step).
 _base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
 
 model = dict(

@@ -1,4 +1,5 @@
-# dinat_tiny (dinat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat, segmentation/configs/dinat.
+# dinat_tiny (dinat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/dinat,
+# segmentation/configs/dinat.
 _base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
 
 model = dict(

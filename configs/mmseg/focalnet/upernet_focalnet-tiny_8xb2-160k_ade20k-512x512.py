@@ -1,4 +1,5 @@
-# focalnet_t_lrf (focalnet-tiny). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9, levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
+# focalnet_t_lrf (focalnet-tiny). Knobs from microsoft/FocalNet detection/configs/focalnet/*_lrf.py (focal windows 9,
+# levels 3; conv kernels zero-padded from the 3-window ImageNet weights).
 _base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
 
 model = dict(

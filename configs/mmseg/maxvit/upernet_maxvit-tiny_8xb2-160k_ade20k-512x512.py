@@ -1,4 +1,5 @@
-# maxvit_t (maxvit-tiny). Knobs from no official MaxViT dense release: Swin's recipe (mmdet/mmseg Swin configs); windows pad to 7.
+# maxvit_t (maxvit-tiny). Knobs from no official MaxViT dense release: Swin's recipe (mmdet/mmseg Swin configs); windows
+# pad to 7.
 _base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
 
 model = dict(

@@ -1,4 +1,5 @@
-# nat_tiny (nat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat, segmentation/configs/nat.
+# nat_tiny (nat-tiny). Knobs from SHI-Labs/Neighborhood-Attention-Transformer detection/configs/nat,
+# segmentation/configs/nat.
 _base_ = ['../_base_/upernet_attnzoo_160k_ade20k_512x512.py']
 
 model = dict(
