@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
-KERNEL_RESULTS = ["na2d", "bra", "partitioned_attention", "agent_attention"]
-SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models", "models_biformer_1024"]),
+KERNEL_RESULTS = ["na2d", "na2d_check", "na2d_tune", "na2d_host", "bra", "partitioned_attention", "agent_attention"]
+SECTIONS = [("Kernels", KERNEL_RESULTS), ("Models", ["models", "models_kernels_v2", "models_compile",
+                                                    "models_biformer_1024"]),
             ("Scaling with resolution", ["scaling"]), ("Training loop", ["train_throughput"]),
             ("Dense prediction", ["dense"])]
 
