@@ -1,7 +1,9 @@
 """Model throughput and peak memory: attnzoo models (per kernel backend) beside their timm peers.
 
 Inference and training images/s at a fixed batch and resolution (bf16 autocast on CUDA), and the peak
-memory of one training step. ``--quick`` runs a tiny CPU configuration for the test suite.
+memory of one training step. Every case and its peer are timed several times in alternating order
+(``--repeats``), eager and, with ``--compile``, under ``torch.compile``; rows give medians and spreads.
+``--quick`` runs a tiny CPU configuration for the test suite.
 
     python -m benchmarks.models [--quick] [--models nat_tiny swin_tiny_patch4_window7_224 ...]
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import timm
 import torch
@@ -81,8 +84,20 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def measure(case: Case, batch: int, img_size: int, device: torch.device, channels_last: bool = True) -> dict:
-    """Inference img/s, training img/s and training peak memory of one case."""
+@dataclass
+class Prepared:
+    """A built model with its inference and training-step closures, timed repeatedly by :func:`run`."""
+
+    case: Case
+    infer: Callable[[], None]
+    train_step: Callable[[], None]
+    model: torch.nn.Module
+    infer_ms: list[float] = field(default_factory=list)
+    train_ms: list[float] = field(default_factory=list)
+
+
+def prepare(case: Case, batch: int, img_size: int, device: torch.device, channels_last: bool = True) -> Prepared:
+    """Build ``case`` with its inputs and AdamW optimizer; nothing is timed yet."""
     model = build(case.model, img_size, case.backend, **case.kwargs).to(device)
     mem_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
@@ -92,58 +107,87 @@ def measure(case: Case, batch: int, img_size: int, device: torch.device, channel
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def infer():
+        model.eval()
         with torch.no_grad() if case.compile else torch.inference_mode(), _autocast(device):
             run_model(x)
 
     def train_step():
+        model.train()
         with _autocast(device):
             loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.eval()
-    infer_ms = time_ms(infer, warmup=100, rep=500)
-    model.train()
-    train_ms = time_ms(train_step, warmup=200, rep=1500)
-    peak = peak_memory_mib(train_step)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    extra = {"kwargs": json.dumps(case.kwargs)} if case.kwargs else {}
-    if case.compile:
-        extra["compiled"] = True
-    return dict(family=case.family, model=case.model, backend=case.backend, **extra, params_m=params,
-                infer_img_s=batch / infer_ms * 1e3, train_img_s=batch / train_ms * 1e3, train_peak_mib=peak)
+    return Prepared(case, infer, train_step, model)
 
 
-def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_dir=None) -> Report:
+def _row(p: Prepared, batch: int, peak: float | None) -> dict:
+    """Median img/s over the repeats, with the spread ((max - min) / median) of each measurement."""
+    def stats(ms: list[float]) -> tuple[float, float]:
+        med = statistics.median(ms)
+        return batch / med * 1e3, (max(ms) - min(ms)) / med
+
+    infer, infer_spread = stats(p.infer_ms)
+    train, train_spread = stats(p.train_ms)
+    extra = {"kwargs": json.dumps(p.case.kwargs)} if p.case.kwargs else {}
+    return dict(family=p.case.family, model=p.case.model, backend=p.case.backend, **extra,
+                compiled=p.case.compile, params_m=sum(t.numel() for t in p.model.parameters()) / 1e6,
+                infer_img_s=infer, infer_spread=infer_spread, train_img_s=train, train_spread=train_spread,
+                repeats=len(p.train_ms), train_peak_mib=peak)
+
+
+def _error_row(case: Case, e: Exception) -> dict:
+    return dict(family=case.family, model=case.model, backend=case.backend, compiled=case.compile,
+                error=f"{type(e).__name__}: {e}".splitlines()[0][:200])
+
+
+def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_dir=None, repeats: int = 3,
+        rep_ms: tuple[int, int] = (500, 1500)) -> Report:
+    """Every case and its timm peer, timed ``repeats`` times in alternating order (forward, then reversed),
+    so drift of the host or the GPU clocks lands on both sides of each pair; medians and spreads."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     known = set(timm.list_models())
     todo: list[Case] = []
     for c in cases:
         todo.append(c)
-        if c.peer and c.backend == "auto" and Case(c.peer, c.family, "auto") not in todo:
-            todo.append(Case(c.peer, c.family, "auto"))
+        peer = Case(c.peer, c.family, "auto", compile=c.compile) if c.peer else None
+        if peer and c.backend == "auto" and peer not in todo:
+            todo.append(peer)
     report = Report(name, f"Model throughput, batch {batch}, {img_size}², "
                     f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
-                    notes="img/s = batch / median step time (do_bench); train = forward + backward + AdamW step; "
-                          "backend = attnzoo kernel path (auto: Triton on CUDA), timm models run their own code.")
-    for c in tqdm(todo, desc="models"):
+                    notes=f"img/s = batch / median step time (do_bench) over {repeats} repeats in alternating order "
+                          "(all cases in list order, then reversed, ...); spread = (max - min) / median of the "
+                          "step times; train = forward + backward + AdamW step; backend = attnzoo kernel path "
+                          "(auto: Triton on CUDA), timm models run their own code; compiled = torch.compile.")
+    prepared, failed = [], []
+    for c in todo:
         if c.model not in known:
-            report.add(family=c.family, model=c.model, backend=c.backend, error="not registered")
+            failed.append(dict(family=c.family, model=c.model, backend=c.backend, error="not registered"))
             continue
         try:
-            row = measure(c, batch, img_size, device)
-        except torch.cuda.OutOfMemoryError:
-            row = dict(family=c.family, model=c.model, backend=c.backend, error="out of memory")
+            prepared.append(prepare(c, batch, img_size, device))
         except Exception as e:  # noqa: BLE001 (one failing model must not end the whole run)
-            row = dict(family=c.family, model=c.model, backend=c.backend, error=f"{type(e).__name__}: {e}"[:200])
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["source"] = "attnzoo" if c.model in attnzoo.list_models() else "timm"
+            failed.append(_error_row(c, e))
+    for r in tqdm(range(repeats), desc="repeats"):
+        for p in (list(prepared) if r % 2 == 0 else prepared[::-1]):
+            try:
+                p.infer_ms.append(time_ms(p.infer, warmup=100, rep=rep_ms[0]))
+                p.train_ms.append(time_ms(p.train_step, warmup=200, rep=rep_ms[1]))
+            except Exception as e:  # noqa: BLE001
+                failed.append(_error_row(p.case, e))
+                prepared.remove(p)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for p in prepared:
+        row = _row(p, batch, peak_memory_mib(p.train_step))
+        row["source"] = "attnzoo" if p.case.model in attnzoo.list_models() else "timm"
         report.add(**row)
-        tqdm.write(str({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
-        report.save(out_dir) if out_dir else report.save()  # after every row: a cut-off run keeps what it measured
+        tqdm.write(str({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
+    for row in failed:
+        report.add(**row)
+    report.save(out_dir) if out_dir else report.save()
     return report
 
 
@@ -157,7 +201,8 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
-    p.add_argument("--compile", action="store_true", help="also measure --models under torch.compile")
+    p.add_argument("--compile", action="store_true", help="also measure the models under torch.compile")
+    p.add_argument("--repeats", type=int, default=3, help="timings per case, in alternating order")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
@@ -166,8 +211,13 @@ def main(argv: list[str] | None = None) -> Report:
                  for c in ((False, True) if a.compile else (False,))]
     else:
         cases = [c for c in DEFAULT_CASES if not a.families or c.family in a.families]
+        if a.compile:
+            cases += [Case(c.model, c.family, c.backend, c.peer, c.kwargs, compile=True)
+                      for c in cases if c.backend == "auto"]
     batch, size = (2, 64) if a.quick else (a.batch, a.img_size)
-    return run(cases, batch, size, a.name or ("models_quick" if a.quick else "models"), a.out_dir)
+    rep_ms = (20, 40) if a.quick else (500, 1500)
+    return run(cases, batch, size, a.name or ("models_quick" if a.quick else "models"), a.out_dir,
+               repeats=2 if a.quick else a.repeats, rep_ms=rep_ms)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ def test_quick_models_scaling_and_report(tmp_path):
     models = json.loads((tmp_path / "models_quick.json").read_text())
     assert [(r["model"], r["backend"]) for r in models["rows"]] == [("nat_mini", "auto"), ("nat_mini", "reference")]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and "error" not in r for r in models["rows"])
+    assert all(r["repeats"] == 2 and r["train_spread"] >= 0 for r in models["rows"])  # alternating repeats
+    assert "alternating order" in (tmp_path / "models_quick.md").read_text()
     scaling = json.loads((tmp_path / "scaling_quick.json").read_text())
     assert [r["size"] for r in scaling["rows"]] == [64, 96] and all(r["fwd_bwd_ms"] > 0 for r in scaling["rows"])
     for name in ("models", "scaling"):  # the report reads results under their full-run names
