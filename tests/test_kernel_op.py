@@ -148,3 +148,23 @@ def test_na2d_launches_one_forward_and_two_backward_kernels(monkeypatch, rpb_gra
     na2d(q, k, v, 3, 2, rpb, backend="triton").sum().backward()
     assert {n: len(c) for n, c in launches.items()} == dict.fromkeys(launches, 1)
     assert (rpb.grad is not None) == rpb_grad
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", ["na2d", "bra", "partitioned_attention"])
+def test_backward_ops_match_their_fake_kernels(op):
+    """Under torch.compile inductor asserts each custom op's output sizes and strides against its fake
+    kernel; the backward ops' outputs must match them (na2d's d_rpb was a strided slice)."""
+    from attnzoo.kernels.bra import _bra_triton
+    from attnzoo.kernels.na2d import _na2d_triton
+    from attnzoo.kernels.partitioned_attention import _pa_triton
+
+    q, k, v = _qkv((1, 8, 8, 2, 16))
+    fused, tensors, config = {
+        "na2d": (_na2d_triton, (q, k, v, torch.randn(2, 5, 5)), ([3, 3], [2, 1], 0.25)),
+        "bra": (_bra_triton, (q, k, v, route_regions(q, k, 4, 2, 0.25)), (4, 0.25, True)),
+        "partitioned_attention": (_pa_triton, (q, k, v, torch.randn(2, 7, 7)), (4, 4, False, 1, 2, 0.25)),
+    }[op]
+    out, *aux = fused.fwd_op(*tensors, *config)
+    args = (torch.randn_like(out), *tensors, out, *aux, *config, [True, True, True, op != "bra"])
+    torch.library.opcheck(fused.bwd_op, args, test_utils=("test_schema", "test_faketensor"))

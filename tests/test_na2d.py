@@ -216,6 +216,13 @@ def test_custom_op_registration():
     q, k, v, rpb = _inputs(1, 7, 9, 2, 8, (3, 3), with_rpb=True, requires_grad=True)
     torch.library.opcheck(torch.ops.attnzoo.na2d_fwd.default, (q, k, v, rpb, [3, 3], [2, 1], 0.3),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward op's outputs match its fake kernel, strides included (inductor asserts them: a strided
+    # d_rpb slice failed `assert_size_stride` in a compiled training step before it was made contiguous)
+    out, lse = torch.ops.attnzoo.na2d_fwd.default(q, k, v, rpb, [3, 3], [2, 1], 0.3)
+    args = (torch.randn_like(out), q, k, v, rpb, out, lse, [3, 3], [2, 1], 0.3, [True] * 4)
+    torch.library.opcheck(torch.ops.attnzoo.na2d_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    grads = torch.ops.attnzoo.na2d_bwd.default(*args)
+    assert all(g.is_contiguous() for g in grads)
 
 
 @pytest.mark.triton_interpret

@@ -450,4 +450,4 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         return dq, dk, dv, None
     kh, kw = 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1
     drpb = partial.view(B, N, -1, ab, ab).sum((0, 2))[:, :kh, :kw]  # fixed-order reduction: deterministic
-    return dq, dk, dv, drpb
+    return dq, dk, dv, drpb.contiguous()  # contiguous like the table (and the custom op's fake kernel)
