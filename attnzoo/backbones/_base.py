@@ -117,8 +117,8 @@ class StagedBackbone(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for layer-wise decay: the stem, one group per stage (coarse) or per block, the final
-        norm with the last group. Names not matched here (a family's stem) go to timm's 'remainder'."""
+        """Parameter groups for layer-wise decay and frozen stages: the stem (``stem_pattern``), then one group
+        per stage (coarse) or per block with the final norm last; the head is timm's 'remainder'."""
         stages = rf"^(?:{'|'.join(self.stage_lists)})\.(\d+)"
         return dict(stem=self.stem_pattern,
                     blocks=stages if coarse else [(stages + r"\.(?:\w+\.)?(\d+)", None), (stages, (0,)),

@@ -19,16 +19,21 @@ bilinearly (align_corners=False, as the official ``resize_pos_embed``) and the a
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from timm.layers import Attention, ClassifierHead, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from attnzoo.backbones._base import (StagedBackbone, build_backbone, convert_layout, linear_head_to_timm,
-                                     unwrap_checkpoint)
-from attnzoo.backbones._pretrained import imagenet_cfg, named_url_cfg
+from attnzoo.backbones._base import (
+    StagedBackbone,
+    build_backbone,
+    convert_layout,
+    linear_head_to_timm,
+    unwrap_checkpoint,
+)
+from attnzoo.backbones.agent_swin import _cfg as _agent_cfg
 from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentDeit"]
@@ -175,14 +180,7 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
     return build_backbone(AgentDeit, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)  # timm ViT: last 3
 
 
-def _cfg(url: str, file_name: str, **kwargs) -> dict[str, Any]:
-    return imagenet_cfg(dict(
-        **named_url_cfg(url, file_name), pool_size=None, min_input_size=(3, 16, 16), first_conv="patch_embed.proj",
-        license="unspecified",  # the official repository states no license
-        origin_url="https://github.com/LeapLabTHU/Agent-Attention", paper_ids="arXiv:2312.08874",
-    ), **kwargs)
-
-
+_cfg = partial(_agent_cfg, pool_size=None, min_input_size=(3, 16, 16))
 default_cfgs = generate_default_cfgs({
     "agent_deit_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1", "agent_deit_t_in1k.pth"),
     "agent_deit_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1", "agent_deit_s_in1k.pth"),

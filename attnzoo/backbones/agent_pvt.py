@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from attnzoo.backbones._base import StagedBackbone, build_backbone, linear_head_to_timm, unwrap_checkpoint
-from attnzoo.backbones._pretrained import imagenet_cfg, named_url_cfg
+from attnzoo.backbones.agent_swin import _cfg as _agent_cfg
 from attnzoo.blocks.agent import AGENT_BIAS_NAMES, AgentAttention, convert_agent_tables
 
 __all__ = ["AgentPvt"]
@@ -164,14 +164,7 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
     return build_backbone(AgentPvt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-def _cfg(url: str, file_name: str, **kwargs) -> dict[str, Any]:
-    return imagenet_cfg(dict(
-        **named_url_cfg(url, file_name), first_conv="stages.0.patch_embed.proj",
-        license="unspecified",  # the official repository states no license
-        origin_url="https://github.com/LeapLabTHU/Agent-Attention", paper_ids="arXiv:2312.08874",
-    ), **kwargs)
-
-
+_cfg = partial(_agent_cfg, first_conv="stages.0.patch_embed.proj")
 default_cfgs = generate_default_cfgs({
     "agent_pvt_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1", "agent_pvt_t_in1k.pth"),
     "agent_pvt_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1", "agent_pvt_s_in1k.pth"),

@@ -186,6 +186,7 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
 
 
 def _cfg(url: str, file_name: str, **kwargs) -> dict[str, Any]:
+    """An Agent-Attention model's cfg (Agent-Swin, -PVT and -DeiT share the paper, repository and licence)."""
     return imagenet_cfg(dict(
         **named_url_cfg(url, file_name), first_conv="patch_embed.proj",
         license="unspecified",  # the official repository states no license

@@ -23,8 +23,15 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, register_notrace_function,
-                         register_notrace_module, to_2tuple)
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    NormMlpClassifierHead,
+    register_notrace_function,
+    register_notrace_module,
+    to_2tuple,
+)
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
