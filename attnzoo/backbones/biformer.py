@@ -7,7 +7,7 @@ A four-stage pyramid (strides 4/8/16/32): overlapping conv stem and conv downsam
 blocks of a 3x3 depthwise-conv position embedding, bi-level routing attention (stages 1-3, top-k
 1/4/16 of ``n_win x n_win`` regions) or global attention with LePE (stage 4), and an MLP; a BatchNorm
 before the pooled linear head. Module and parameter names follow the official ``models/biformer.py``,
-so official checkpoints (``{"model": state_dict}``) load key for key.
+so official checkpoints (``{"model": state_dict}``) load key for key but the classifier (timm's ``head.fc``).
 
 ``biformer_stl`` is the official Swin-Tiny-layout ablation model (``models/biformer_stl.py``: patchify
 stem, BatchNorm patch merging, no position-embedding conv, legacy BRA). The refactored
