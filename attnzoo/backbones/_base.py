@@ -244,9 +244,10 @@ class StagedBackbone(nn.Module):
         load_official_file(self, checkpoint_path, sys.modules[type(self).__module__].checkpoint_filter_fn)
 
     def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript is refused up front with one clear error instead of a compiler trace from deep inside."""
         raise RuntimeError(
-            f"{type(self).__name__}: attnzoo models do not support torch.jit.script (their attention kernels are "
-            "torch.library ops with Python dispatch); use torch.compile, torch.export or torch.jit.trace")
+            f"{type(self).__name__}: attnzoo models do not support torch.jit.script (their blocks choose and call "
+            "attention kernels in Python); use torch.compile, torch.export or torch.jit.trace")
 
 
 def build_backbone(
