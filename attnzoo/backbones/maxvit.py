@@ -133,7 +133,8 @@ class MaxViT(StagedBackbone):
         """
         super().__init__()
         if len(embed_dims) != len(depths):
-            raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} and depths {tuple(depths)} need one entry per stage")
+            raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} and depths {tuple(depths)} need one entry per "
+                             "stage")
         for dim in embed_dims:
             if dim % head_dim:
                 raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} must be multiples of head_dim={head_dim}")
