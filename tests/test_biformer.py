@@ -214,7 +214,7 @@ def test_bra_rejects_bad_arguments(kwargs, match):
     (dict(topks=(1, 4, 16, -1)), "topk"),
     (dict(n_win=2), "topk"),  # stage 3 routes to 16 > 2**2 regions
     (dict(n_win=(7, 7)), "n_win"),
-    (dict(global_pool="max"), "global_pool"),
+    (dict(global_pool="median"), "global_pool"),
 ])
 def test_model_rejects_bad_arguments(kwargs, match):
     with torch.device("meta"), pytest.raises(ValueError, match=match):
@@ -307,8 +307,12 @@ def test_checkpoint_mismatch_names_keys(tmp_path):
 
 
 def test_checkpoint_filter_unwraps_model_key():
-    sd = {"head.bias": torch.zeros(3)}
-    assert checkpoint_filter_fn({"model": sd}, None) == sd and checkpoint_filter_fn(sd, None) == sd
+    """Official files (wrapped or not) name the classifier head.*, timm's head is head.fc.*; attnzoo's own
+    state dicts already use head.fc.* and pass unchanged."""
+    official, ours = {"head.bias": torch.zeros(3)}, {"head.fc.bias": torch.zeros(3)}
+    assert checkpoint_filter_fn({"model": official}, None).keys() == ours.keys()
+    assert checkpoint_filter_fn(official, None).keys() == ours.keys()
+    assert checkpoint_filter_fn(ours, None).keys() == ours.keys()
 
 
 def test_pretrained_cfgs_name_official_files():
@@ -390,8 +394,10 @@ def test_forward_intermediates_and_head():
     assert model(x).shape == (1, 7)
     model.reset_classifier(0)
     assert model(x).shape == (1, 128)
+    model.reset_classifier(5, "max")  # timm's ClassifierHead pools any timm way
+    assert model(x).shape == (1, 5)
     with pytest.raises(ValueError, match="global_pool"):
-        model.reset_classifier(5, "max")
+        model.reset_classifier(5, "median")
 
 
 def test_grad_checkpointing_matches():

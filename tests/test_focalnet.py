@@ -173,7 +173,7 @@ def test_any_size_features_and_intermediates():
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
     for a, b in zip(inter, maps):
         assert a.is_contiguous() and torch.equal(a, b)
-    assert torch.equal(final, expected_final) and tuple(final.shape) == (2, 7, 10, 128)
+    assert torch.equal(final, expected_final) and tuple(final.shape) == (2, 128, 7, 10)  # NCHW, as timm's focalnet
     assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
     short = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
     assert len(short) == 1 and torch.equal(short[0], inter[1])

@@ -347,7 +347,7 @@ def test_training_checkpoint_loads_with_weights_only_everywhere(trained, folder)
 
 def test_dense_adapter_loads_a_training_checkpoint(trained):
     pytest.importorskip("mmengine", reason="the dense backbone needs mmengine (the 'dense' extra)")
-    from attnzoo.dense.backbone import AttnZooBackbone
+    from attnzoo.openmmlab.backbone import AttnZooBackbone
 
     path = trained / "last.pth.tar"
     bb = AttnZooBackbone("test_resnet", out_indices=(0, 1, 2), init_cfg=dict(type="Pretrained", checkpoint=str(path)))

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, load_pretrained
 from torch import nn
 
@@ -29,6 +30,14 @@ _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 class WeightsUnavailableError(RuntimeError):
     """``pretrained=True`` could not fetch the weights; the message names the link and the local-file route."""
+
+
+def imagenet_cfg(family: dict[str, Any], **variant: Any) -> dict[str, Any]:
+    """``pretrained_cfg`` fields shared by attnzoo's ImageNet classifiers (224² evaluation, a 7×7 final map,
+    any input from 32² up, timm's head), updated with a family's fields and then a variant's."""
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "min_input_size": (3, 32, 32), "pool_size": (7, 7),
+            "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "classifier": "head.fc", **family, **variant}
 
 
 def named_url_cfg(url: str, file_name: str) -> dict[str, Any]:

@@ -19,20 +19,27 @@ bilinearly (align_corners=False, as the official ``resize_pos_embed``) and the a
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import Attention, ClassifierHead, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
+from attnzoo.backbones._base import (
+    StagedBackbone,
+    build_backbone,
+    convert_layout,
+    linear_head_to_timm,
+    unwrap_checkpoint,
+)
+from attnzoo.backbones.agent_swin import _cfg as _agent_cfg
 from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
 
 __all__ = ["AgentDeit"]
 
+_POOLS = ("token", "avg", "")
+torch.fx.wrap("resample_abs_pos_embed")  # an FX leaf where the model's own methods call it
 _AGENT_GROUP = (0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3)  # official stage_num[i // 2] for 12 blocks
 
 
@@ -61,10 +68,16 @@ class AgentDeitBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class AgentDeit(nn.Module):
+class AgentDeit(StagedBackbone):
     """Agent-DeiT classifier. ``forward_features`` returns the normed tokens ``[B, 1 + H*W, C]`` (cls first);
     ``forward_head`` classifies the cls token; ``forward_intermediates`` / ``features_only`` give block
-    outputs as NCHW maps of the patch tokens (stride 16; by default the last three blocks)."""
+    outputs as maps of the patch tokens (stride 16; by default the last three blocks). Between blocks the
+    model carries ``(tokens, (H, W))``, as the agent attention needs the patch grid."""
+
+    stage_lists = ("blocks",)
+    output_fmt = "NLC"
+    norm_all_intermediates = True
+    no_weight_decay_names = ("pos_embed", "cls_token")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 192, depth: int = 12,
@@ -80,8 +93,7 @@ class AgentDeit(nn.Module):
                              f"is defined for 12 blocks), got {depth}")
         if len(agent_num) != 4:
             raise ValueError(f"AgentDeit: agent_num must have 4 entries, got {agent_num!r}")
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"AgentDeit: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         agent_layer = depth if agent_layer <= 0 else agent_layer
         self.num_classes, self.global_pool = num_classes, global_pool
@@ -101,118 +113,61 @@ class AgentDeit(nn.Module):
                            self.grid_size, mlp_ratio, qkv_bias, agent_shape, proj_drop_rate, attn_drop_rate, dpr[i],
                            norm_layer)
             for i in range(depth)])
-        self.grad_checkpointing = False
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.norm = norm_layer(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = ClassifierHead(embed_dim, num_classes, pool_type="", drop_rate=drop_rate)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    @classmethod
+    def check_global_pool(cls, global_pool: str) -> None:
+        if global_pool not in _POOLS:
+            raise ValueError(f"AgentDeit: global_pool must be one of {_POOLS}, got {global_pool!r}")
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        """As timm's ViT: ``global_pool`` 'token' (cls token), 'avg' (mean patch token) or '' (all tokens)."""
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"reset_classifier: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        super().reset_classifier(num_classes, None, reset_other)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def forward_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed(x)  # [B, H, W, C]
         B, H, W, C = x.shape
-        pos = self.pos_embed
-        if (H, W) != self.grid_size:
-            pos = resample_abs_pos_embed(pos, [H, W], list(self.grid_size), num_prefix_tokens=1,
-                                         interpolation="bilinear", antialias=False)
+        pos = resample_abs_pos_embed(self.pos_embed, [H, W], list(self.grid_size), num_prefix_tokens=1,
+                                     interpolation="bilinear", antialias=False)  # unchanged at the trained grid
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
         return self.pos_drop(x + pos), (H, W)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, size)
-        return blk(x, size)
+    def forward_stage(self, index: int, x: tuple[torch.Tensor, tuple[int, int]]
+                      ) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens, size = x
+        return self.run_checkpointed(self.blocks[index], tokens, size), size
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs at ``indices`` as NCHW patch maps (cls token dropped; ``norm`` applies the final norm)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (H, W) = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x = self._block(blk, x, (H, W))
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                intermediates.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, H, W))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+    def map_to_image(self, x: tuple[torch.Tensor, tuple[int, int]], fmt: str, norm: bool = False) -> torch.Tensor:
+        tokens, (H, W) = x
+        tokens = self.norm(tokens) if norm else tokens
+        return convert_layout(tokens[:, 1:].reshape(tokens.shape[0], H, W, -1), "NHWC", fmt)
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = self._embed(x)
-        for blk in self.blocks:
-            x = self._block(blk, x, size)
-        return self.norm(x)
+    def forward_norm(self, x: tuple[torch.Tensor, tuple[int, int]]) -> torch.Tensor:
+        return self.norm(x[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
             x = x[:, 0]
         elif self.global_pool == "avg":
             x = x[:, 1:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
-        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+        return self.head(x, pre_logits=pre_logits)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) -> dict[str, torch.Tensor]:
-    """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names; the agent tables
+    """Official Agent-DeiT state dicts (plain or ``{"model": ...}``) use this model's names but for the
+    classifier (``head.*``, timm's ``head.fc.*``; attnzoo's own state dicts pass unchanged); the agent tables
     (5-D ``ah/aw/ha/wa``, 4-D ``ac/ca``) lose their singleton dims (exact reshape). Weights stored for
     another grid are resized to the model's: the position embedding bilinearly and the agent tables
     linearly, as the official code does when fine-tuning at another resolution."""
-    state_dict = dict(state_dict.get("model", state_dict))
+    state_dict = linear_head_to_timm(unwrap_checkpoint(state_dict))
     pe = state_dict.get("pos_embed")
     if pe is not None and pe.shape != model.pos_embed.shape and pe.dim() == 3:
         old = int(round((pe.shape[1] - 1) ** 0.5))
@@ -222,19 +177,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentDeit) 
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeit:
-    out_indices = kwargs.pop("out_indices", 3)  # timm ViT default: the last three blocks
-    return build_model_with_cfg(AgentDeit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_backbone(AgentDeit, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)  # timm ViT: last 3
 
 
-def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
-    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-            "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-**kwargs}
-
-
+_cfg = partial(_agent_cfg, pool_size=None, min_input_size=(3, 16, 16))
 default_cfgs = generate_default_cfgs({
     "agent_deit_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1", "agent_deit_t_in1k.pth"),
     "agent_deit_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1", "agent_deit_s_in1k.pth"),

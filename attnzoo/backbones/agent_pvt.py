@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
-from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
+from attnzoo.backbones._base import StagedBackbone, build_backbone, linear_head_to_timm, unwrap_checkpoint
+from attnzoo.backbones.agent_swin import _cfg as _agent_cfg
+from attnzoo.blocks.agent import AGENT_BIAS_NAMES, AgentAttention, convert_agent_tables
 
 __all__ = ["AgentPvt"]
 
@@ -63,7 +62,6 @@ class AgentPvtStage(nn.Module):
                  drop_path: list[float] | None = None, norm_layer: Callable = nn.LayerNorm):
         super().__init__()
         self.grid_size = tuple(grid_size)
-        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(None, patch_size, in_chs, dim, norm_layer=nn.LayerNorm, output_fmt="NHWC",
                                       strict_img_size=False, dynamic_img_pad=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim))
@@ -75,29 +73,24 @@ class AgentPvtStage(nn.Module):
             for j in range(depth)])
         trunc_normal_(self.pos_embed, std=0.02)
 
-    def _pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
-        if tuple(size) == self.grid_size:
-            return self.pos_embed
-        pe = self.pos_embed.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe, size=size, mode="bilinear", align_corners=False)
-        return pe.flatten(2).transpose(1, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, H, W, C]
         B, H, W, C = x.shape
-        x = self.pos_drop(x.reshape(B, H * W, C) + self._pos_embed((H, W)))
+        pos = resample_abs_pos_embed(self.pos_embed, [H, W], list(self.grid_size), num_prefix_tokens=0,
+                                     interpolation="bilinear", antialias=False)  # the official _get_pos_embed
+        x = self.pos_drop(x.reshape(B, H * W, C) + pos)
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, (H, W))
-            else:
-                x = blk(x, (H, W))
+            x = blk(x, (H, W))
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
-class AgentPvt(nn.Module):
+class AgentPvt(StagedBackbone):
     """Agent-PVT classifier/backbone. ``forward_features`` returns the last stage map ``[B, C, H/32, W/32]``
     (NCHW, no final norm, as in the official model); ``forward_intermediates`` / ``features_only`` give the
     four stage maps at strides 4, 8, 16, 32."""
+
+    stem_pattern = r"^stages\.0\.(?:patch_embed|pos_embed)"
+    no_weight_decay_names = ("pos_embed", *AGENT_BIAS_NAMES)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dims: tuple[int, ...] = (64, 128, 320, 512),
@@ -115,13 +108,11 @@ class AgentPvt(nn.Module):
         if set(attn_type) != {"A"} or len(attn_type) != n:
             raise ValueError(f"AgentPvt: attn_type must be {'A' * n!r} (agent attention in every stage), "
                              f"got {attn_type!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"AgentPvt: global_pool must be 'avg' or '', got {global_pool!r}")
         agent_num = [int(a) for a in agent_num]
         sr = [int(s) for s in agent_sr_ratios]
         agent_shapes = agent_shapes or [None] * n
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.embed_dims = embed_dims
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
@@ -135,98 +126,26 @@ class AgentPvt(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"stages.{i}"))
             grid, in_chs = (grid[0] // 2, grid[1] // 2), embed_dims[i]
         self.stages = nn.Sequential(*stages)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.norm = nn.Identity()
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
-                    blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                                                             (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"reset_classifier: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW) at ``indices``; ``norm`` is accepted for API parity (the model has no norm)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if max_index < len(self.feature_info) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
-        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # each stage starts with its own patch embedding, as officially
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -> dict[str, torch.Tensor]:
     """Map an official Agent-PVT state dict (plain or ``{"model": ...}``) onto :class:`AgentPvt` names.
 
-    ``pos_embed{i}``, ``patch_embed{i}.*`` and ``block{i}.{j}.*`` move to ``stages.{i-1}``; the attention,
-    MLP and head names are the official ones; the 5-D agent tables lose their singleton dims (exact
-    reshape). Unknown keys pass through so strict loading reports them.
+    ``pos_embed{i}``, ``patch_embed{i}.*`` and ``block{i}.{j}.*`` move to ``stages.{i-1}``, ``head.*`` to
+    timm's ``head.fc.*`` (attnzoo's own keys pass unchanged); the attention and MLP names are the official
+    ones; the 5-D agent tables lose their singleton dims (exact reshape). Unknown keys pass through so strict
+    loading reports them.
     Weights stored for another input size are resized to the model's (position embeddings bilinearly,
     agent tables linearly, as the official code does when fine-tuning at another resolution).
     """
-    state_dict = state_dict.get("model", state_dict)
     out = {}
-    for k, v in state_dict.items():
+    for k, v in linear_head_to_timm(unwrap_checkpoint(state_dict)).items():
         k = re.sub(r"^pos_embed(\d)$", lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed", k)
         k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed.", k)
         k = re.sub(r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.", k)
@@ -242,20 +161,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPvt) -
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPvt:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentPvt, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_backbone(AgentPvt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
-    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "stages.0.patch_embed.proj", "classifier": "head",
-            "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-**kwargs}
-
-
+_cfg = partial(_agent_cfg, first_conv="stages.0.patch_embed.proj")
 default_cfgs = generate_default_cfgs({
     "agent_pvt_t.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1", "agent_pvt_t_in1k.pth"),
     "agent_pvt_s.in1k": _cfg("https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1", "agent_pvt_s_in1k.pth"),

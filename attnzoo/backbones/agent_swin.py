@@ -24,15 +24,14 @@ import re
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
-from attnzoo.blocks.agent import AgentAttention, convert_agent_tables
+from attnzoo.backbones._base import StagedBackbone, build_backbone, linear_head_to_timm, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg, named_url_cfg
+from attnzoo.blocks.agent import AGENT_BIAS_NAMES, AgentAttention, convert_agent_tables
 from attnzoo.blocks.window import PartitionAttention2d
 
 __all__ = ["AgentSwinTransformer"]
@@ -91,7 +90,6 @@ class AgentSwinStage(nn.Module):
                  num_heads: int, agent_num: int, window_size: int, mlp_ratio: float, qkv_bias: bool,
                  agent_shape: tuple[int, int] | None, proj_drop: float, attn_drop: float, drop_path: list[float]):
         super().__init__()
-        self.grad_checkpointing = False
         self.downsample = PatchMerging(in_dim, dim) if downsample else nn.Identity()
         bias_size = (min(resolution[0], window_size), min(resolution[1], window_size))
         win = max(7, window_size // 8)
@@ -105,16 +103,17 @@ class AgentSwinStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(StagedBackbone):
     """Agent-Swin classifier/backbone. Computes in NHWC; ``forward_features`` returns the normed last stage
     map ``[B, H/32, W/32, C]`` (NHWC, as timm's Swin); ``forward_intermediates`` / ``features_only`` give
-    the four stage maps NCHW at strides 4, 8, 16, 32."""
+    the four stage maps at strides 4, 8, 16, 32."""
+
+    stage_lists = ("layers",)
+    map_fmt = output_fmt = "NHWC"
+    no_weight_decay_names = ("relative_position_bias_table", *AGENT_BIAS_NAMES)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 96,
@@ -126,15 +125,12 @@ class AgentSwinTransformer(nn.Module):
         """``agent_num`` accepts the official yaml strings; ``agent_shapes`` sets a per-stage run-time agent
         grid (the official dense backbones' ``downstream_agent_shapes``, e.g. 9x9/12x12/14x14/7x7)."""
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"AgentSwinTransformer: global_pool must be 'avg' or '', got {global_pool!r}")
         n = len(depths)
         types = block_types(attn_type, depths)
         agent_num = [int(a) for a in agent_num]
         agent_shapes = agent_shapes or [None] * n
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.output_fmt = "NHWC"
+        self.num_classes = num_classes
         dims = [int(embed_dim * 2 ** i) for i in range(n)]
         self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
@@ -151,106 +147,26 @@ class AgentSwinTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt="NHWC")
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"relative_position_bias_table", "an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^patch_embed",
-                    blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.downsample", (0,)),
-                                                             (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                                                             (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.layers:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"reset_classifier: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs at ``indices`` (NCHW); ``norm`` applies the final norm to the last stage's map."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        x = self.pos_drop(self.patch_embed(x))
-        layers = self.layers[:max_index + 1] if stop_early else self.layers
-        intermediates = []
-        last = len(self.layers) - 1
-        for i, stage in enumerate(layers):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if max_index < len(self.feature_info) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.pos_drop(self.patch_embed(x)))
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
-        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:
-    """Map an official Agent-Swin state dict (plain or ``{"model": ...}``) onto this model.
+    """Map an official Agent-Swin state dict (plain or ``{"model": ...}``), or attnzoo's own, onto this model.
 
-    ``layers.{i}.downsample`` moves to ``layers.{i+1}.downsample``; Swin bias tables ``[(2w-1)², heads]``
+    The official classifier ``head.*`` becomes timm's ``head.fc.*``; ``layers.{i}.downsample`` moves to
+    ``layers.{i+1}.downsample``; Swin bias tables ``[(2w-1)², heads]``
     (query − key) become ``[heads, 2w-1, 2w-1]`` (key − query); the index tables and shift masks the
     official blocks store are dropped (recomputed). Other keys keep their official names, and unknown keys
     pass through so strict loading reports them. The 5-D agent tables lose their singleton dims (exact
     reshape, :func:`attnzoo.blocks.agent.convert_agent_tables`) and, when stored for another map size,
     are resized linearly, as the official code does when fine-tuning at another resolution.
     """
-    state_dict = state_dict.get("model", state_dict)
+    state_dict = linear_head_to_timm(unwrap_checkpoint(state_dict))
     if not any(k.startswith("layers.0.downsample.") for k in state_dict):
         return convert_agent_tables(state_dict, model)  # this model's names already (no stage-0 downsample)
     out = {}
@@ -266,18 +182,16 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTr
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_backbone(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-def _cfg(origin_url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
-    return {**named_url_cfg(origin_url, file_name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-            "origin_url": origin_url, "paper_ids": "arXiv:2312.08874",
-**kwargs}
+def _cfg(url: str, file_name: str, **kwargs) -> dict[str, Any]:
+    """An Agent-Attention model's cfg (Agent-Swin, -PVT and -DeiT share the paper, repository and licence)."""
+    return imagenet_cfg(dict(
+        **named_url_cfg(url, file_name), first_conv="patch_embed.proj",
+        license="unspecified",  # the official repository states no license
+        origin_url="https://github.com/LeapLabTHU/Agent-Attention", paper_ids="arXiv:2312.08874",
+    ), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

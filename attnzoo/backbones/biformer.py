@@ -7,7 +7,7 @@ A four-stage pyramid (strides 4/8/16/32): overlapping conv stem and conv downsam
 blocks of a 3x3 depthwise-conv position embedding, bi-level routing attention (stages 1-3, top-k
 1/4/16 of ``n_win x n_win`` regions) or global attention with LePE (stage 4), and an MLP; a BatchNorm
 before the pooled linear head. Module and parameter names follow the official ``models/biformer.py``,
-so official checkpoints (``{"model": state_dict}``) load key for key.
+so official checkpoints (``{"model": state_dict}``) load key for key but the classifier (timm's ``head.fc``).
 
 ``biformer_stl`` is the official Swin-Tiny-layout ablation model (``models/biformer_stl.py``: patchify
 stem, BatchNorm patch merging, no position-embedding conv, legacy BRA). ``biformer_stl_nchw`` is its
@@ -26,13 +26,12 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from attnzoo.backbones._pretrained import load_official_file, named_url_cfg
+from attnzoo.backbones._base import StagedBackbone, build_backbone, linear_head_to_timm, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg, named_url_cfg
 from attnzoo.blocks.routing import AdaptiveRegionRoutingAttention, AttentionLePE, BiLevelRoutingAttention
 
 __all__ = ["BiFormer", "BiFormerBlock"]
@@ -91,12 +90,16 @@ def _per_stage(value: Any, name: str) -> tuple:
     return values
 
 
-class BiFormer(nn.Module):
+class BiFormer(StagedBackbone):
     """BiFormer classifier/backbone.
 
-    ``forward_features`` returns the final BatchNorm'ed NCHW map ``[B, embed_dims[-1], H/32, W/32]``;
-    ``forward_intermediates`` and ``features_only`` return the NCHW stage outputs at strides 4/8/16/32.
+    Computes in NCHW: ``forward_features`` returns the final BatchNorm'ed map ``[B, embed_dims[-1], H/32,
+    W/32]``; ``forward_intermediates`` and ``features_only`` return the stage outputs at strides 4/8/16/32
+    (stage ``i`` is ``downsample_layers[i]`` then ``stages[i]``, the official names).
     """
+
+    stage_lists = ("stages", "downsample_layers")
+    stem_pattern = r"^downsample_layers\.0\."
 
     def __init__(
             self,
@@ -138,9 +141,6 @@ class BiFormer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self._check_pool(global_pool, num_classes)
-        self.global_pool = global_pool
-        self.grad_checkpointing = False
 
         if layout == "biformer":
             stem = nn.Sequential(
@@ -172,122 +172,24 @@ class BiFormer(nn.Module):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
 
         self.norm = nn.BatchNorm2d(embed_dims[-1])
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the stem is downsample_layers[0], run as part of stage 0 as officially
 
-    @staticmethod
-    def _check_pool(global_pool: str, num_classes: int) -> None:
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"BiFormer: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
-        if global_pool == "" and num_classes > 0:
-            raise ValueError("BiFormer: global_pool='' (no pooling) needs num_classes=0")
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^downsample_layers\.0",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^downsample_layers\.(\d+)", None),
-                (r"^stages\.(\d+)\.(?:blocks\.)?(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        global_pool = self.global_pool if global_pool is None else global_pool
-        self._check_pool(global_pool, num_classes)
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(getattr(self.stages[i], "blocks", self.stages[i]), x)
-        return self.stages[i](x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """NCHW stage outputs (strides 4/8/16/32) for ``indices`` (last n if int, all if None).
-
-        ``norm`` applies the final BatchNorm to the last stage's output; ``stop_early`` skips stages
-        after the last one requested.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"BiFormer: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        n_run = max_index + 1 if stop_early else len(self.stages)
-        intermediates = []
-        for i in range(n_run):
-            x = self._run_stage(i, x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if n_run - 1 == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the norm/head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.downsample_layers = self.downsample_layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for i in range(len(self.stages)):
-            x = self._run_stage(i, x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook: the official file, downloaded under its variant's name."""
-        load_official_file(self, checkpoint_path, checkpoint_filter_fn)
+    def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_stage(index, self.downsample_layers[index](x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Official checkpoint -> attnzoo state dict: unwrap ``{"model": state_dict}`` (timm's file loader
-    already does; a URL download does not). Key names are the official ones and nothing is renamed or
-    dropped, so a wrong file fails strict loading with its missing/unexpected keys listed; the 1x1 convs
-    of ``biformer_stl_nchw`` files become Linear weights (:func:`_flatten_stl_nchw_convs`)."""
-    return _flatten_stl_nchw_convs(dict(state_dict.get("model", state_dict)))
+    """Official checkpoint (``{"model": state_dict}``) or attnzoo's own state dict -> attnzoo state dict.
+
+    Key names are the official ones except the classifier: the official ``head.weight`` / ``head.bias``
+    become timm's ``head.fc.*`` (attnzoo's own ``head.fc.*`` pass unchanged); the 1x1 convs of
+    ``biformer_stl_nchw`` files become Linear weights (:func:`_flatten_stl_nchw_convs`). Nothing is
+    dropped, so a wrong file fails strict loading with its missing/unexpected keys listed."""
+    return linear_head_to_timm(_flatten_stl_nchw_convs(unwrap_checkpoint(state_dict)))
 
 
 # ---------------------------------------------------------------- biformer_stl_nchw (official refactored STL)
@@ -302,26 +204,14 @@ def _flatten_stl_nchw_convs(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        BiFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def _cfg(url: str = "", file_name: str = "", **kwargs) -> dict[str, Any]:
-    return {
-        **named_url_cfg(url, file_name),
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0", "classifier": "head",
-        "license": "mit", "paper_ids": "arXiv:2303.08810",
-        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-        "origin_url": "https://github.com/rayleizhu/BiFormer",
-        **kwargs,
-    }
+    return imagenet_cfg(dict(
+        **named_url_cfg(url, file_name), first_conv="downsample_layers.0.0", license="mit",
+        paper_ids="arXiv:2303.08810", paper_name="BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        origin_url="https://github.com/rayleizhu/BiFormer"), **kwargs)
 
 
 _ONEDRIVE = "https://api.onedrive.com/v1.0/shares/{}/root/content"

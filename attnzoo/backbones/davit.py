@@ -18,23 +18,33 @@ outputs at any input size). ``masked_window_padding=True`` masks them instead (t
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClNormMlpClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    NormMlpClassifierHead,
+    register_notrace_function,
+    register_notrace_module,
+    to_2tuple,
+)
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from attnzoo.backbones._base import StagedBackbone, build_backbone, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg
 from attnzoo.blocks.channel import ChannelAttention
 from attnzoo.blocks.window import PartitionAttention2d
 
 __all__ = ["DaVit", "checkpoint_filter_fn"]
 
 
-def _pad_to(x: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
+@register_notrace_function  # shape-dependent padding: an FX leaf
+def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
     """Zero-pad an NHWC map at the bottom/right to multiples of ``multiple`` (no copy when it fits)."""
     pad_h, pad_w = -x.shape[1] % multiple[0], -x.shape[2] % multiple[1]
     return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
@@ -51,6 +61,7 @@ class ConvPosEnc(nn.Module):
         return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+@register_notrace_module  # shape-dependent padding: an FX leaf
 class Stem(nn.Module):
     """Conv 7×7 stride 4 (input zero-padded to a multiple of 4, as officially) + LayerNorm; NCHW -> NHWC."""
 
@@ -75,7 +86,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pad_to(self.norm(x), (2, 2))
+        x = pad_to_multiple(self.norm(x), (2, 2))
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
@@ -107,7 +118,7 @@ class DualAttentionBlock(nn.Module):
         if self.pad_to_window is None:
             return self.attn(x)
         H, W = x.shape[1:3]
-        return self.attn(_pad_to(x, self.pad_to_window))[:, :H, :W]
+        return self.attn(pad_to_multiple(x, self.pad_to_window))[:, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe1(x)
@@ -135,7 +146,6 @@ class DaVitStage(nn.Module):
             norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
-        self.grad_checkpointing = False
         self.downsample = Downsample(in_chs, out_chs, norm_layer) if downsample else nn.Identity()
         common = dict(mlp_ratio=mlp_ratio, proj_drop=proj_drop, norm_layer=norm_layer)
         self.blocks = nn.Sequential(*[
@@ -154,19 +164,18 @@ class DaVitStage(nn.Module):
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
-class DaVit(nn.Module):
+class DaVit(StagedBackbone):
     """DaViT backbone and classifier (head: average pool, LayerNorm, Linear, as officially).
 
-    ``forward_features`` returns the last stage's map as NHWC ``[B, H/32, W/32, C]`` (ceil division),
-    before the head's norm; ``forward_intermediates`` and ``features_only`` return NCHW maps at strides
-    4, 8, 16, 32.
+    Computes in NHWC; ``forward_features`` returns the last stage's map as NCHW ``[B, C, H/32, W/32]`` (ceil
+    division, before the head's norm), as timm's ``davit_*``; ``forward_intermediates`` and ``features_only``
+    return maps at strides 4, 8, 16, 32.
     """
+
+    map_fmt = "NHWC"
 
     def __init__(
             self,
@@ -193,7 +202,6 @@ class DaVit(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dims[0], norm_layer)
         # official schedule: linear over all attention blocks (two per dual block)
@@ -208,89 +216,10 @@ class DaVit(nn.Module):
                 proj_drop=proj_drop_rate, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.head = ClNormMlpClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, norm_layer=norm_layer)
-        self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^head\.norm", (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every block (per stage), so a training step stores only block inputs."""
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, reset_other=reset_other, in_features=self.num_features)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs at ``indices`` (timm semantics) as NCHW (or NHWC) maps, plus the final features.
-
-        DaViT normalises after pooling, so ``norm`` has no map-level norm to apply and changes nothing.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"DaVit: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take_indices:
-                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the stages (and head) that the intermediates at ``indices`` do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "", reset_other=True)
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))  # stages checkpoint their blocks when enabled
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.norm = nn.Identity()  # the final norm is the head's, after pooling
+        self.head = NormMlpClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                          norm_layer=partial(LayerNorm2d, eps=1e-5))
+        self.init_weights()
 
 
 _OFFICIAL_RENAMES = (
@@ -310,14 +239,10 @@ def checkpoint_filter_fn(state_dict: dict, model: DaVit) -> dict[str, torch.Tens
 
     Official files are loaded as the official code loads them: a plain state dict, or one wrapped in
     ``"state_dict"`` (preferred) or ``"state_dict_ema"``, DistributedDataParallel's ``module.`` prefix
-    stripped. timm's ``davit_*`` weights already use attnzoo's names. Unknown keys are passed on so
-    strict loading reports them.
+    stripped (:func:`unwrap_checkpoint`). timm's ``davit_*`` weights already use attnzoo's names. Unknown
+    keys are passed on so strict loading reports them.
     """
-    for wrapper in ("state_dict", "state_dict_ema"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_checkpoint(state_dict)
     if "stem.conv.weight" in state_dict:
         return state_dict
     if "patch_embeds.0.proj.weight" not in state_dict:
@@ -334,27 +259,17 @@ def checkpoint_filter_fn(state_dict: dict, model: DaVit) -> dict[str, torch.Tens
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 3, 1))))))
-    return build_model_with_cfg(
-        DaVit, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    out_indices = tuple(range(len(kwargs.get("depths", (1, 1, 3, 1)))))
+    return build_backbone(DaVit, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(timm_name: str, top1: float, official_url: str, **kwargs) -> dict:
-    return {
-        "url": "",  # the official files sit behind share links; timm hosts the same weights
-        "hf_hub_id": f"timm/{timm_name}.msft_in1k",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic",  # the official model's eval crop
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc",
-        "license": "mit", "origin_url": official_url,
-        "paper_ids": "arXiv:2204.03645", "paper_name": "DaViT: Dual Attention Vision Transformers",
-        "notes": (f"paper ImageNet-1k top-1 {top1} at 224",),
-        **kwargs,
-    }
+    return imagenet_cfg(dict(
+        url="",  # the official files sit behind share links; timm hosts the same weights
+        hf_hub_id=f"timm/{timm_name}.msft_in1k", crop_pct=0.9,  # the official model's eval crop
+        first_conv="stem.conv", license="mit", origin_url=official_url, paper_ids="arXiv:2204.03645",
+        paper_name="DaViT: Dual Attention Vision Transformers", notes=(f"paper ImageNet-1k top-1 {top1} at 224",),
+    ), **kwargs)
 
 
 _SHARE = "https://connecthkuhk-my.sharepoint.com/:u:/g/personal/u3007305_connect_hku_hk/"

@@ -39,7 +39,7 @@ def _scfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 
 
 _384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
-_ISO = dict(first_conv="patch_embed.proj", pool_size=(14, 14))
+_ISO = dict(first_conv="patch_embed.proj", pool_size=(14, 14), min_input_size=(3, 16, 16))
 
 default_cfgs = generate_default_cfgs({
     "dinat_mini.in1k": _dcfg(_IN1K_URL + "dinat_mini_in1k_224.pth", notes=("paper top-1 81.8",)),

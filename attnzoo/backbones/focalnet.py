@@ -17,17 +17,18 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from attnzoo.backbones._base import StagedBackbone, build_backbone, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg
 from attnzoo.blocks.focal_modulation import FocalModulation
 
 __all__ = ["FocalNet", "checkpoint_filter_fn"]
 
 
+@register_notrace_module  # shape-dependent padding: an FX leaf
 class Downsample(nn.Module):
     """Strided patch convolution + LayerNorm, NCHW image or NHWC map in, NHWC map out.
 
@@ -119,7 +120,6 @@ class FocalNetStage(nn.Module):
             **block_kwargs,
     ):
         super().__init__()
-        self.grad_checkpointing = False
         self.downsample = (
             Downsample(dim, out_dim, stride=2, overlap=use_overlap_down, norm_layer=norm_layer)
             if downsample else nn.Identity())
@@ -128,18 +128,20 @@ class FocalNetStage(nn.Module):
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
-class FocalNet(nn.Module):
+class FocalNet(StagedBackbone):
     """FocalNet backbone and classifier.
 
-    ``forward_features`` returns the normed last-stage map as NHWC ``[B, H/32, W/32, C]`` (ceil
-    division); ``forward_intermediates`` and ``features_only`` return NCHW maps at strides 4, 8, 16, 32.
+    Computes in NHWC; ``forward_features`` returns the normed last-stage map as NCHW ``[B, C, H/32, W/32]``
+    (ceil division), as timm's ``focalnet_*``; ``forward_intermediates`` and ``features_only`` return maps at
+    strides 4, 8, 16, 32.
     """
+
+    stage_lists = ("layers",)
+    map_fmt = "NHWC"
+    trunc_normal_types = (nn.Linear, nn.Conv2d)
 
     def __init__(
             self,
@@ -170,7 +172,6 @@ class FocalNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = dims[-1]
-        self.grad_checkpointing = False
 
         self.stem = Downsample(
             in_chans, dims[0], stride=4, overlap=use_overlap_down, channels_last_input=False, norm_layer=norm_layer)
@@ -187,99 +188,8 @@ class FocalNet(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
-        self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
-        self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+)\.downsample", (0,)),
-                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every block (per stage), so a training step stores only block inputs."""
-        self.grad_checkpointing = enable
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs at ``indices`` (timm semantics) as NCHW (or NHWC) maps, plus the final features.
-
-        ``norm`` applies the final norm to the last stage's intermediate.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"FocalNet: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last_idx = len(self.layers) - 1
-        stages = self.layers if not stop_early else self.layers[:max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        for idx, stage in enumerate(stages):
-            x = stage(x)
-            if idx in take_indices:
-                feat = self.norm(x) if norm and idx == last_idx else x
-                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return intermediates
-        if idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the stages (and norm/head) that the intermediates at ``indices`` do not need."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        prune_end = max_index < len(self.layers) - 1
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layers(self.stem(x)))  # stages checkpoint their blocks when enabled
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.init_weights()
 
 
 def _official_key(key: str, post_norm: bool) -> str:
@@ -304,8 +214,7 @@ def checkpoint_filter_fn(state_dict: dict, model: FocalNet) -> dict[str, torch.T
     keys, timm's use ``stem.*`` with 1×1-conv projections. 1×1 convolution weights become Linear weights;
     nothing else is reshaped, and unknown keys are passed on so strict loading reports them.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict = unwrap_checkpoint(state_dict)
     if "patch_embed.proj.weight" in state_dict:
         post_norm = isinstance(model.layers[0].blocks[0].norm1, nn.Identity)
         rename = partial(_official_key, post_norm=post_norm)
@@ -327,30 +236,20 @@ def checkpoint_filter_fn(state_dict: dict, model: FocalNet) -> dict[str, torch.T
 
 
 def _create_focalnet(variant: str, pretrained: bool = False, **kwargs) -> FocalNet:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        FocalNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    out_indices = tuple(range(len(kwargs.get("depths", (2, 2, 6, 2)))))
+    return build_backbone(FocalNet, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 _RELEASE = "https://github.com/microsoft/FocalNet/releases/download/v1.0.0/"
 
 
 def _cfg(timm_name: str, top1: float, **kwargs) -> dict:
-    return {
-        "url": f"{_RELEASE}{timm_name}.pth",
-        "hf_hub_id": f"timm/{timm_name}.ms_in1k",  # timm's conversion of the same official weights
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",  # official eval: resize 256, center crop 224
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj", "classifier": "head.fc",
-        "license": "mit", "origin_url": "https://github.com/microsoft/FocalNet",
-        "paper_ids": "arXiv:2203.11926", "paper_name": "Focal Modulation Networks",
-        "notes": (f"paper ImageNet-1k top-1 {top1} at 224",),
-        **kwargs,
-    }
+    return imagenet_cfg(dict(
+        url=f"{_RELEASE}{timm_name}.pth",
+        hf_hub_id=f"timm/{timm_name}.ms_in1k",  # timm's conversion of the same official weights
+        first_conv="stem.proj", license="mit", origin_url="https://github.com/microsoft/FocalNet",
+        paper_ids="arXiv:2203.11926", paper_name="Focal Modulation Networks",
+        notes=(f"paper ImageNet-1k top-1 {top1} at 224",)), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -20,14 +20,13 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import named_apply
+from timm.models import generate_default_cfgs, register_model
 from timm.models.maxxvit import MaxxVitConvCfg, MbConvBlock, Stem
 from torch import nn
 
+from attnzoo.backbones._base import StagedBackbone, build_backbone, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg
 from attnzoo.blocks.window import PartitionAttention2d
 
 __all__ = ["MaxViT", "MaxViTBlock", "PartitionTransformer"]
@@ -87,25 +86,24 @@ class MaxViTStage(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, depth: int, drop_path: Sequence[float], **kwargs: Any) -> None:
         super().__init__()
-        self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             MaxViTBlock(dim if i == 0 else dim_out, dim_out, stride=2 if i == 0 else 1, drop_path=drop_path[i],
                         **kwargs)
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
 
-class MaxViT(nn.Module):
+class MaxViT(StagedBackbone):
     """MaxViT backbone and classifier.
 
     ``forward_features`` returns the last stage's NCHW map ``[B, embed_dims[-1], H/32, W/32]`` (the final
     LayerNorm2d lives in the head, as in TF MaxViT and timm). ``features_only`` / ``forward_intermediates``
     give the four stage outputs (NCHW, strides 4/8/16/32); the stride-2 stem is not a feature level.
     """
+
+    no_weight_decay_names = ("relative_position_bias_table",)
 
     def __init__(
         self,
@@ -135,15 +133,14 @@ class MaxViT(nn.Module):
         """
         super().__init__()
         if len(embed_dims) != len(depths):
-            raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} and depths {tuple(depths)} need one entry per stage")
+            raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} and depths {tuple(depths)} need one entry per "
+                             "stage")
         for dim in embed_dims:
             if dim % head_dim:
                 raise ValueError(f"MaxViT: embed_dims {tuple(embed_dims)} must be multiples of head_dim={head_dim}")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
         self.num_features = embed_dims[-1]
-        self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, stem_width, padding="same", bias=True, act_layer="gelu_tanh",
                          norm_layer="batchnorm2d", norm_eps=1e-3)
@@ -161,116 +158,36 @@ class MaxViT(nn.Module):
                                           pool_type=global_pool, drop_rate=drop_rate,
                                           norm_layer=partial(LayerNorm2d, eps=1e-5))
         self.head_hidden_size = self.head.num_features
-        named_apply(self._init_weights, self)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module, name: str = "") -> None:
-        if isinstance(module, (MbConvBlock, Stem, PartitionTransformer)):
-            module.init_weights()
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {k for k, _ in self.named_parameters() if k.endswith("relative_position_bias_table")}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^head\.norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """NCHW stage outputs (strides 4/8/16/32) for ``indices`` (last n if int, all if None).
-
-        ``norm`` is accepted for timm's interface; MaxViT has no backbone-side final norm (it is part of
-        the head), so intermediates are returned as the stages produce them.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"MaxViT: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def init_weights(self) -> None:
+        """timm's MaxViT init: each MBConv, stem and transformer sub-block initialises itself."""
+        for module in self.modules():
+            if isinstance(module, (MbConvBlock, Stem, PartitionTransformer)):
+                module.init_weights()
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm ``maxvit_*_tf_*`` state dict (plain, or wrapped in ``state_dict`` / ``model``) -> attnzoo.
+    """timm ``maxvit_*_tf_*`` state dict (plain or wrapped, see :func:`unwrap_checkpoint`) or attnzoo's own
+    -> attnzoo.
 
     The only rename is timm's ``attn.rel_pos.relative_position_bias_table`` -> ``attn.relative_position_bias_table``
     (same ``[heads, 13, 13]`` key − query layout). Nothing is resized or dropped: a checkpoint for another
     partition size or width fails strict loading with the offending keys listed.
     """
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
     return {k.replace(".attn.rel_pos.relative_position_bias_table", ".attn.relative_position_bias_table"): v
-            for k, v in state_dict.items()}
+            for k, v in unwrap_checkpoint(state_dict).items()}
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MaxViT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        MaxViT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(MaxViT, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def _cfg(hub_id: str, **kwargs: Any) -> dict[str, Any]:
-    return {
-        "hf_hub_id": hub_id, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.95, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2204.01697", "paper_name": "MaxViT: Multi-Axis Vision Transformer",
-        "origin_url": "https://github.com/google-research/maxvit", **kwargs,
-    }
+    return imagenet_cfg(dict(
+        hf_hub_id=hub_id, crop_pct=0.95, first_conv="stem.conv1", license="apache-2.0", paper_ids="arXiv:2204.01697",
+        paper_name="MaxViT: Multi-Axis Vision Transformer", origin_url="https://github.com/google-research/maxvit",
+    ), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

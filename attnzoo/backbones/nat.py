@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from attnzoo.backbones._base import StagedBackbone, build_backbone, linear_head_to_timm, unwrap_checkpoint
+from attnzoo.backbones._pretrained import imagenet_cfg
 from attnzoo.blocks.neighborhood import NeighborhoodAttention2d
 from attnzoo.blocks.stems import ConvDownsampler, ConvTokenizer
 
@@ -78,21 +78,16 @@ class NATLayer(nn.Module):
 
 
 class NATStage(nn.Module):
-    """NAT blocks at one resolution followed by the downsampler into the next (official order)."""
+    """NAT blocks at one resolution and the downsampler into the next level (official names and order: the
+    model applies ``downsample`` on the way into the next level, so a level's output is its blocks')."""
 
     def __init__(self, blocks: Sequence[nn.Module], downsample: nn.Module | None) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.grad_checkpointing = False
-
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.downsample(self.forward_blocks(x))
+        return self.blocks(x)
 
 
 def _per_level(value: int | Sequence[int], num_levels: int, name: str) -> list[int]:
@@ -102,23 +97,12 @@ def _per_level(value: int | Sequence[int], num_levels: int, name: str) -> list[i
     return values
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Official init: truncated-normal Linear weights (std 0.02), zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-class NAT(nn.Module):
+class NAT(StagedBackbone):
     """Hierarchical neighborhood-attention backbone (NAT, DiNAT, DiNAT-s).
 
-    ``forward_features`` returns the final-norm NHWC map ``[B, ceil(H/32), ceil(W/32), num_features]``;
-    ``forward_intermediates`` / ``features_only`` return NCHW maps at strides 4, 8, 16, 32 (each level's
-    output before its downsampler, un-normalised).
+    Computes in NHWC: ``forward_features`` returns the final-norm NHWC map ``[B, ceil(H/32), ceil(W/32),
+    num_features]``; ``forward_intermediates`` / ``features_only`` return the levels' outputs (before each
+    downsampler, un-normalised) at strides 4, 8, 16, 32.
 
     Args:
         in_chans: Input image channels.
@@ -137,6 +121,10 @@ class NAT(nn.Module):
         proj_drop_rate: Dropout after attention / MLP projections (the official ``drop_rate``).
         drop_path_rate: Stochastic depth, rising linearly over all blocks.
     """
+
+    stage_lists = ("levels",)
+    map_fmt = output_fmt = "NHWC"
+    no_weight_decay_names = ("rpb",)
 
     def __init__(
             self,
@@ -173,7 +161,6 @@ class NAT(nn.Module):
             raise ValueError(f"dilations must list one dilation per block of each level (depths={tuple(depths)}), "
                              f"got {dilations!r}")
         self.num_classes = num_classes
-        self.output_fmt = "NHWC"
         dims = [int(embed_dim * 2 ** i) for i in range(num_levels)]
         self.num_features = self.head_hidden_size = dims[-1]
 
@@ -199,108 +186,38 @@ class NAT(nn.Module):
             ]
             down = downsampler(dims[i], norm_layer=norm_layer) if i < num_levels - 1 else None
             self.levels.append(NATStage(blocks, down))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"levels.{i}.blocks"))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"levels.{i}"))
 
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt=self.output_fmt)
-        self.apply(_init_weights)
+        self.init_weights()
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Relative position bias tables are exempt from weight decay, as officially."""
-        return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^levels\.(\d+)" if coarse else [
-                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
-                (r"^levels\.(\d+)\.downsample", (99998,)),
-                (r"^norm", (99999,)),
-            ],
-        )
+    def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index > 0:
+            x = self.levels[index - 1].downsample(x)
+        return super().forward_stage(index, x)
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for level in self.levels:
-            level.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Level outputs (before each downsampler) as NCHW maps; ``indices`` as in timm (last n if int).
-
-        ``norm`` applies the final norm to the last level's map, the only one it is sized for.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        levels = self.levels[:max_index + 1] if stop_early else self.levels
-        last = len(self.levels) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, level in enumerate(levels):
-            x = level.forward_blocks(x)
-            if i in take_indices:
-                x_inter = self.norm(x) if norm and i == last else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous())
-            x = level.downsample(x)
-        if intermediates_only:
-            return intermediates
-        if len(levels) - 1 == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the levels (and final downsampler, norm, head) that the requested features do not need."""
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        prune_end = max_index < len(self.levels) - 1
-        self.levels = self.levels[:max_index + 1]
-        self.levels[-1].downsample = nn.Identity()
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        for level in self.levels:
-            x = level(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def truncate_stages(self, num_stages: int) -> None:
+        super().truncate_stages(num_stages)
+        self.levels[-1].downsample = nn.Identity()  # its output would feed a level that is gone
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(StagedBackbone):
     """Isotropic (ViT-like) NAT / DiNAT: 16x16 patchify, one resolution, blocks alternating dilation 1
     and ``dilation``.
 
     ``forward_features`` returns the final-norm NHWC map ``[B, ceil(H/16), ceil(W/16), embed_dim]``;
-    ``forward_intermediates`` / ``features_only`` return per-block NCHW maps at stride 16.
+    ``forward_intermediates`` / ``features_only`` return per-block maps at stride 16.
     """
+
+    stage_lists = ("layers",)
+    map_fmt = output_fmt = "NHWC"
+    norm_all_intermediates = True
+    no_weight_decay_names = ("rpb",)
 
     def __init__(
             self,
@@ -323,9 +240,7 @@ class NATIsotropic(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer,
             output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
@@ -342,127 +257,41 @@ class NATIsotropic(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt=self.output_fmt)
-        self.apply(_init_weights)
+        self.init_weights()
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs as NCHW maps; ``norm`` applies the final norm to every one (all share its width)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        blocks = self.layers[:max_index + 1] if stop_early else self.layers
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                intermediates.append((self.norm(x) if norm else x).permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True,
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.layers, x)
-        else:
-            x = self.layers(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an official NAT / DiNAT / DiNAT-s / isotropic checkpoint onto attnzoo's module names.
+    """Map an official NAT / DiNAT / DiNAT-s / isotropic checkpoint, or attnzoo's own state dict, onto
+    attnzoo's module names.
 
-    Accepts the file as released (a plain state dict) or wrapped under ``model`` / ``state_dict``.
-    Renames ``head.*`` -> ``head.fc.*`` (timm's ClassifierHead) and, for hierarchical models, DiNAT-s's
-    ``layers.*`` -> ``levels.*``; every other key passes unchanged, so strict loading reports any
-    missing or unexpected key of a wrong or truncated file.
+    Official files (plain or wrapped, see :func:`unwrap_checkpoint`) name the classifier ``head.weight`` /
+    ``head.bias``, which become timm's ``head.fc.*``, and DiNAT-s's levels ``layers.*``, which become
+    ``levels.*`` in hierarchical models. attnzoo's own keys (``head.fc.*``, ``levels.*``) pass unchanged,
+    as does every other key, so strict loading reports any missing or unexpected key of a wrong file.
     """
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    rename_layers = isinstance(model, NAT)
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("head."):
-            key = "head.fc." + key[len("head."):]
-        elif rename_layers and key.startswith("layers."):
-            key = "levels." + key[len("layers."):]
-        out[key] = value
-    return out
+    state_dict = linear_head_to_timm(unwrap_checkpoint(state_dict))
+    if not isinstance(model, NAT):
+        return state_dict
+    return {("levels." + k[len("layers."):] if k.startswith("layers.") else k): v for k, v in state_dict.items()}
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs: Any) -> NAT:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 6, 5))))))
-    return build_model_with_cfg(
-        NAT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs)
+    out_indices = tuple(range(len(kwargs.get("depths", (3, 4, 6, 5)))))
+    return build_backbone(NAT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs: Any) -> NATIsotropic:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        NATIsotropic, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs)
+    return build_backbone(NATIsotropic, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0", "classifier": "head.fc", "license": "mit",
-        "paper_ids": "arXiv:2204.07143", "paper_name": "Neighborhood Attention Transformer",
-        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer", **kwargs,
-    }
+    return imagenet_cfg(dict(
+        url=url, first_conv="patch_embed.proj.0", license="mit", paper_ids="arXiv:2204.07143",
+        paper_name="Neighborhood Attention Transformer",
+        origin_url="https://github.com/SHI-Labs/Neighborhood-Attention-Transformer"), **kwargs)
 
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
@@ -475,14 +304,17 @@ default_cfgs = generate_default_cfgs({
     "nat_base.in1k": _cfg(_NAT_URL + "nat_base.pth", notes=("paper top-1 84.3",)),
     "nat_isotropic_small.in1k": _cfg(
         _ISO_URL + "nat_isotropic_small_in1k_224.pth", first_conv="patch_embed.proj", pool_size=(14, 14),
+        min_input_size=(3, 16, 16),
         paper_ids="arXiv:2209.15001", notes=("paper top-1 80.0",)),
     "nat_isotropic_base.in1k": _cfg(
         _ISO_URL + "nat_isotropic_base_in1k_224.pth", first_conv="patch_embed.proj", pool_size=(14, 14),
+        min_input_size=(3, 16, 16),
         paper_ids="arXiv:2209.15001", notes=("paper top-1 81.6",)),
     # No official weights: a small NAT for 28x28 grayscale (Fashion-MNIST) demos and CPU training.
     "nat_nano.untrained": _cfg(
-        num_classes=10, input_size=(1, 28, 28), pool_size=(1, 1), crop_pct=1.0, mean=(0.2860,), std=(0.3530,),
-        license=None, origin_url=None, paper_ids=None),
+        num_classes=10, input_size=(1, 28, 28), min_input_size=(1, 16, 16), pool_size=(1, 1), crop_pct=1.0,
+        mean=(0.2860,), std=(0.3530,),
+        license="apache-2.0", origin_url=None, paper_ids=None),  # attnzoo's own configuration, no weights
 })
 
 

@@ -41,11 +41,12 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from attnzoo.kernels._op import BACKENDS
 
+AGENT_BIAS_NAMES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")  # position biases of every block
 _CACHE_SIZE = 8  # distinct map sizes kept per module (multi-scale inference)
 FUSED_GRAD_MAX_TOKENS = 4096  # above this, training uses the explicit math (see agent_attention)
 
@@ -93,6 +94,7 @@ def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class AgentAttention(nn.Module):
     """Agent attention over a token map, optionally with prefix (cls) tokens and PVT spatial reduction.
 
@@ -157,7 +159,7 @@ class AgentAttention(nn.Module):
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def _bias_params(self) -> list[nn.Parameter]:
-        names = ["an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"]
+        names = list(AGENT_BIAS_NAMES)
         names += ["ac_bias", "ca_bias"] if self.num_prefix_tokens else []
         return [getattr(self, n) for n in names]
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 
+@register_notrace_module  # an FX leaf: its input validation does not trace
 class ChannelAttention(nn.Module):
     """Multi-head channel attention ``[B, H, W, C] -> [B, H, W, C]``, as the official DaViT computes it.
 

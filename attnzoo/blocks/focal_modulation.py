@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 
@@ -22,6 +23,7 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+@register_notrace_module  # an FX leaf: its input validation does not trace
 class FocalModulation(nn.Module):
     """Focal modulation over an NHWC map ``[B, H, W, dim]``; returns the same shape.
 

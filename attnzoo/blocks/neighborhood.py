@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from attnzoo.kernels.na2d import na2d
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class NeighborhoodAttention2d(nn.Module):
     """Multi-head 2D neighborhood attention with relative position bias on NHWC maps.
 

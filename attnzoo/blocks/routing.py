@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from attnzoo.kernels.bra import bra, routed_attention
@@ -43,6 +44,7 @@ class QKVLinear(nn.Module):
         return self.qkv(x)
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with a LePE depthwise conv on V (BiFormer's legacy BRA).
 
@@ -95,6 +97,7 @@ class BiLevelRoutingAttention(nn.Module):
         return f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class AdaptiveRegionRoutingAttention(nn.Module):
     """Bi-level routing attention whose region grid follows the input (BiFormer's refactored ``nchwBRA``).
 
@@ -163,6 +166,7 @@ class AdaptiveRegionRoutingAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class AttentionLePE(nn.Module):
     """Global multi-head self-attention plus a LePE depthwise conv, BiFormer's last-stage attention.
 

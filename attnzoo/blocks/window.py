@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 from torch import nn
 
 from attnzoo.kernels.partitioned_attention import MODES, partitioned_attention
 
 
+@register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
 class PartitionAttention2d(nn.Module):
     """Multi-head self-attention inside windows or grid groups: ``[B, H, W, C] -> [B, H, W, C]``.
 
