@@ -51,6 +51,7 @@ $(VENV)/.dense-installed: $(VENV)/.installed
 	touch $@
 
 test: venv dense
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 test-gpu: venv

@@ -96,5 +96,6 @@ def parity_error(model: torch.nn.Module, fx: ParityFixture) -> float:
     model = model.eval().float()
     with torch.no_grad():
         out = model(parity_input())
-    assert out.shape == fx.expected_logits.shape, f"logits shape {tuple(out.shape)} != {tuple(fx.expected_logits.shape)}"
+    expected = tuple(fx.expected_logits.shape)
+    assert out.shape == fx.expected_logits.shape, f"logits shape {tuple(out.shape)} != {expected}"
     return rel_l2(out, fx.expected_logits)

@@ -273,7 +273,8 @@ def test_checkpoint_shape_mismatch_is_reported(tmp_path):
     sd = official_state_dict(load_fixture("agent", "agent_pvt_t"))
     sd["head.weight"] = sd["head.weight"][:10]  # a 10-class head into a 1000-class model
     torch.save({"model": sd}, tmp_path / "shape.pth")
-    with pytest.raises(RuntimeError, match=r"size mismatch for head\.fc\.weight"):  # official head.* -> timm's head.fc.*
+    # official head.* -> timm's head.fc.*
+    with pytest.raises(RuntimeError, match=r"size mismatch for head\.fc\.weight"):
         create_from_official("agent_pvt_t", tmp_path / "shape.pth")
 
 

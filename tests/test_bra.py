@@ -157,7 +157,8 @@ def test_triton_outputs_fully_written(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(bra_triton.torch, "empty", lambda *a, **kw: poison_(empty(*a, **kw)))
     monkeypatch.setattr(bra_triton.torch, "empty_like",
-                        lambda t, **kw: empty_like(t, **kw) if kw.get("device") == "meta" else poison_(empty_like(t, **kw)))
+                        lambda t, **kw: (empty_like(t, **kw) if kw.get("device") == "meta"
+                                         else poison_(empty_like(t, **kw))))
     for deterministic in (False, True):
         _check_against_reference(1, 10, 15, 2, 16, 8, 5, 3, torch.float32, deterministic)
 
@@ -246,7 +247,8 @@ def _bad(**kw):
     (_bad(k=torch.randn(1, 8, 8, 2, 8)), ValueError, r"k must have q's shape \(1, 8, 8, 2, 16\)"),
     (_bad(v=torch.randn(1, 8, 4, 2, 16)), ValueError, r"v must be \[B, H, W, heads, Dv\]"),
     (_bad(q=torch.randn(8, 8, 2, 16)), ValueError, r"q must be \[B, H, W, heads, head_dim\] \(5-D\)"),
-    (_bad(v=torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)), TypeError, r"v must have q's dtype torch.float32, got torch.float64"),
+    (_bad(v=torch.randn(1, 8, 8, 2, 16, dtype=torch.float64)), TypeError,
+     r"v must have q's dtype torch.float32, got torch.float64"),
     (_bad(q=torch.ones(1, 8, 8, 2, 16, dtype=torch.int32)), TypeError, r"q must be a floating-point tensor"),
     (_bad(scale=-1.0), ValueError, r"scale must be None or a positive float, got -1.0"),
     (_bad(routing_scale=0), ValueError, r"routing_scale must be None or a positive float"),
@@ -259,7 +261,8 @@ def test_bra_errors(kwargs, exc, match):
 
 @pytest.mark.parametrize("index,exc,match", [
     (torch.zeros(1, 16, 3, dtype=torch.float32), TypeError, r"region_index must be an int32/int64 tensor"),
-    (torch.zeros(1, 9, 3, dtype=torch.long), ValueError, r"region_index must be \[B, n_win\*\*2, topk\] = \[1, 16, 1..16\]"),
+    (torch.zeros(1, 9, 3, dtype=torch.long), ValueError,
+     r"region_index must be \[B, n_win\*\*2, topk\] = \[1, 16, 1..16\]"),
     (torch.zeros(1, 16, 17, dtype=torch.long), ValueError, r"region_index must be \[B, n_win\*\*2, topk\]"),
     (torch.full((1, 16, 2), 16), RuntimeError, r"region_index values must be in \[0, n_win\*\*2\) = \[0, 16\)"),
     (torch.full((1, 16, 2), -1), RuntimeError, r"region_index values must be in \[0, n_win\*\*2\)"),

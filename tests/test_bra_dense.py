@@ -149,7 +149,8 @@ def test_dense_rule():
     # Boundary of the ratio, regions of T >= SMALL_REGION_TOKENS (here 3x3 on a 7x7 grid at 21², T = 9).
     N, T = 21 * 21, 9
     topk_min = -(-N // (m.DENSE_KEY_RATIO * T))
-    assert dense_predicted_faster(1, 21, 21, 7, topk_min, 2) and not dense_predicted_faster(1, 21, 21, 7, topk_min - 1, 2)
+    assert dense_predicted_faster(1, 21, 21, 7, topk_min, 2)
+    assert not dense_predicted_faster(1, 21, 21, 7, topk_min - 1, 2)
     # Bias cap: the largest batch whose B*N^2 bias fits, and one more.
     big_b = m.DENSE_MAX_BIAS_BYTES // (2 * 196 * 196)
     assert dense_predicted_faster(big_b, 14, 14, 7, 16, 2) and not dense_predicted_faster(big_b + 1, 14, 14, 7, 16, 2)

@@ -1,7 +1,8 @@
 """Shape-keyed caches filled during an ``inference_mode`` forward must not poison a later training step.
 
-(The FlexAttention baseline of the benchmarks keeps one such cache. A cache tensor created under inference mode cannot be saved for backward: validating a model, then
-training it, would fail with "Inference tensors cannot be saved for backward".)
+(The FlexAttention baseline of the benchmarks keeps one such cache. A cache tensor created under inference
+mode cannot be saved for backward: validating a model, then training it, would fail with "Inference tensors
+cannot be saved for backward".)
 """
 import pytest
 import torch

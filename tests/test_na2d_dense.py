@@ -27,7 +27,8 @@ def _random_cases(n: int, seed: int) -> list[dict]:
             continue
         cases.append(dict(B=rng.choice([1, 2]), H=H, W=W, N=rng.choice([1, 2, 3]), D=rng.choice([4, 8, 12, 32]),
                           kernel_size=(kh, kw), dilation=(dh, dw), with_rpb=rng.random() < 0.6,
-                          dtype=rng.choice([torch.float32, torch.float32, torch.float16]), scale=rng.choice([None, 0.3])))
+                          dtype=rng.choice([torch.float32, torch.float32, torch.float16]),
+                          scale=rng.choice([None, 0.3])))
     return cases
 
 

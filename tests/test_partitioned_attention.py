@@ -9,7 +9,7 @@ import torch
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.window import PartitionAttention2d
 from attnzoo.kernels.partitioned_attention import partitioned_attention
-from tests.helpers import TF32_REL_L2_TOL, assert_rel_l2, poison_
+from tests.helpers import assert_rel_l2, poison_
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -147,7 +147,9 @@ def _fwd_bwd(case, dtype, device, backend):
     B, H, W, nh, D, part, mode, shift, use_rpb = case
     g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     qkv = torch.randn(B, H, W, 3, nh, D, generator=g).to(device, dtype).requires_grad_()
-    rpb = torch.randn(nh, 2 * part[0] - 1, 2 * part[1] - 1, generator=g).to(device).requires_grad_() if use_rpb else None
+    rpb = None
+    if use_rpb:
+        rpb = torch.randn(nh, 2 * part[0] - 1, 2 * part[1] - 1, generator=g).to(device).requires_grad_()
     go = torch.randn(B, H, W, nh, D, generator=g).to(device, dtype)
     q, k, v = qkv.unbind(3)
     out = partitioned_attention(q, k, v, part, mode=mode, shift=shift, rpb=rpb, backend=backend)

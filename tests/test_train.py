@@ -77,7 +77,8 @@ def test_config_yaml_sets_defaults_and_flags_win(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: resnet10t\ndrop_path: 0.3\nepochs: 7\nscale: [0.5, 1.0]\n")
     args = parse_with_config(train_parser(), ["-c", str(cfg), "--epochs", "2", "/data"])
-    assert (args.model, args.drop_path, args.epochs, args.scale, args.data_dir) == ("resnet10t", 0.3, 2, [0.5, 1.0], "/data")
+    expected = ("resnet10t", 0.3, 2, [0.5, 1.0], "/data")
+    assert (args.model, args.drop_path, args.epochs, args.scale, args.data_dir) == expected
     cfg.write_text("model: resnet10t\ndroppath: 0.3\n")
     with pytest.raises(UsageError, match=r"unknown keys \['droppath'\]"):
         parse_with_config(train_parser(), ["-c", str(cfg)])

@@ -15,10 +15,10 @@ refactored twin (``models/biformer_stl_nchw.py``, own checkpoint): the same layo
 refactored BRA, whose region size is ``H // n_win x W // n_win`` so the region count follows the input
 (:class:`attnzoo.blocks.routing.AdaptiveRegionRoutingAttention`), and a last stage whose LePE runs on V.
 
-Dense prediction: any input size works (each routing attention pads its map to multiples of
-``n_win`` and crops, as the official ``auto_pad``; ``biformer_stl_nchw`` takes any size whose stride-16
-map has ``n_win`` tokens per side, 112x112 at ``n_win=7``, its regions following the map); pass ``n_win=16`` (COCO) or ``n_win=8`` (ADE20K
-512x512) and, if wanted, ``topks`` at creation, like the official mmdet/mmseg configs.
+Dense prediction: any input size works (each routing attention pads its map to multiples of ``n_win`` and
+crops, as the official ``auto_pad``; ``biformer_stl_nchw`` takes any size whose stride-16 map has ``n_win``
+tokens per side, 112x112 at ``n_win=7``, its regions following the map); pass ``n_win=16`` (COCO) or
+``n_win=8`` (ADE20K 512x512) and, if wanted, ``topks`` at creation, like the official mmdet/mmseg configs.
 """
 from __future__ import annotations
 
