@@ -27,6 +27,8 @@ REDUCED = (
     ("dinat_isotropic_", dict(embed_dim=32, depth=3, num_heads=2)),
     ("dinat_", dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), dilations=[[1], [1], [1, 2], [1]])),
     ("nat_", dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2))),
+    # the refactored BRA needs n_win tokens per side at stride 16 (2x4 here): 2x2-region grids
+    ("biformer_stl_nchw", dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), n_win=2, topks=(1, 2, 4, -2))),
     ("biformer_", dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128))),
     ("maxvit_", dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 1, 1), stem_width=16, head_hidden_size=64)),
     ("davit_", dict(embed_dims=(16, 32, 64, 64), num_heads=(1, 1, 2, 2), depths=(1, 1, 1, 1))),
