@@ -15,16 +15,29 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def exporting() -> bool:
+    """Whether the model is being exported (``torch.onnx.export`` or ``torch.export``): export mode.
+
+    In export mode ``backend="auto"`` resolves to ``"reference"``, the exact pure-PyTorch path, so the
+    exported graph holds standard ATen/ONNX ops instead of Triton custom ops that ONNX Runtime, TensorRT
+    or a CPU-only ``ExportedProgram`` could not run. An explicitly named backend is still honoured.
+    """
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def resolve_backend(backend: str, device: torch.device, op: str, extra: tuple[str, ...] = ()) -> str:
     """Map ``backend`` to ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
-    ``"auto"`` sends CUDA tensors to Triton and everything else to the reference. ``"triton"`` on CPU
+    ``"auto"`` sends CUDA tensors to Triton and everything else to the reference; in export mode
+    (:func:`exporting`) it is always the reference. ``"triton"`` on CPU
     tensors runs Triton's interpreter, which must have been enabled before attnzoo was imported.
     ``extra`` names an op's own further paths: accepted here (and returned as given), handled by the op.
     """
     if backend not in BACKENDS + extra:
         raise ValueError(f"{op}: backend must be one of {BACKENDS + extra}, got {backend!r}")
     if backend == "auto":
+        if exporting():
+            return "reference"
         return "triton" if device.type == "cuda" and HAS_TRITON else "reference"
     if backend == "triton":
         if not HAS_TRITON:
