@@ -165,3 +165,25 @@ def test_cli_exports_checks_and_refuses_overwrite(tmp_path):
     onnx.checker.check_model(str(out))
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_tracing_leaves_no_fake_tensor_in_the_reference_caches():
+    """Export used to fill the references' shape-keyed index caches with fake tensors, so the next eager
+    call of the same shape returned a tensor subclass (ONNX export of maxvit, then eager, failed)."""
+    from attnzoo.kernels import na2d, partitioned_attention
+    from attnzoo.kernels.na2d_reference import _mask_index
+    from attnzoo.kernels.partitioned_attention_reference import relative_index
+
+    class Ops(torch.nn.Module):
+        def forward(self, x, rpb_na, rpb_pa):
+            return na2d(x, x, x, 3, rpb=rpb_na) + partitioned_attention(x, x, x, 3, rpb=rpb_pa)
+
+    _mask_index.cache_clear()
+    relative_index.cache_clear()
+    args = (torch.randn(2, 6, 6, 2, 8), torch.randn(2, 5, 5), torch.randn(2, 5, 5))
+    torch.export.export(Ops(), args)
+    out = Ops()(*args)
+    assert type(out) is torch.Tensor
+    ref = (na2d(*args[:1] * 3, 3, rpb=args[1], backend="reference")
+           + partitioned_attention(*args[:1] * 3, 3, rpb=args[2], backend="reference"))
+    assert torch.equal(out, ref)
