@@ -29,7 +29,7 @@ FORMATS = ("onnx", "export")
 OPSET = 18
 REL_L2_TOL = 1e-5  # ONNX Runtime vs PyTorch, fp32 on CPU
 EXAMPLE_BATCH = 2  # a batch of 1 would be specialised (torch.export treats sizes 0/1 as constants)
-PROBE_OFFSETS = ((1, 3), (17, 45))  # H/W offsets at which a dynamic-size program must hold (_size_range)
+SCAN_FACTOR = 4  # dynamic H/W: guards are checked on sizes up to this multiple of the export size
 
 
 class ExportError(Exception):
@@ -154,42 +154,94 @@ def export_program(model: nn.Module, input_size: Sequence[int], dynamic_size: bo
     return ep, sizes
 
 
+class _Input:
+    """Stands in for the input tensor when evaluating ``torch.export``'s guard expressions on a shape."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self._shape = shape
+
+    def size(self) -> tuple[int, ...]:
+        return self._shape
+
+
+def _guard_check(ep: torch.export.ExportedProgram):
+    """A function ``shape -> bool``: whether ``ep``'s guards hold for an input of that shape (None when this
+    torch keeps no evaluable guards)."""
+    codes = getattr(ep, "_guards_code", None)
+    if codes is None:
+        return None
+    try:
+        compiled = [compile(code, "<guard>", "eval") for code in codes]
+    except SyntaxError:
+        return None
+    names = {"__builtins__": {}, "max": max, "min": min, "abs": abs}
+
+    def holds(shape: tuple[int, ...]) -> bool:
+        frame = {"L": _AnyKey(_Input(shape))}
+        return all(eval(code, names, frame) for code in compiled)  # noqa: S307  (torch.export's own guards)
+
+    return holds
+
+
+class _AnyKey(dict):
+    def __init__(self, value: Any):
+        super().__init__()
+        self._value = value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._value
+
+
 def _size_range(ep: torch.export.ExportedProgram, input_size: tuple[int, int, int]
                 ) -> dict[str, tuple[int | None, int | None]]:
     """The input H/W range of a dynamic-size program; raises when the program assumed more than a range.
 
     ``torch.export`` records its shape assumptions as guards that ``ep.module()`` checks on every call but
-    ONNX drops. The range comes from ``ep.range_constraints``; sizes inside it that are not multiples of
-    the model's strides (``PROBE_OFFSETS`` from the export size and from the range's lower end) must pass
-    the guards, else some other condition (a stage map's parity deciding a padding branch) was assumed.
+    ONNX drops. Each axis is scanned from 1 to ``SCAN_FACTOR`` times the export size (the other at its
+    export size): the range starts above the largest failing size and must contain the export size, and
+    random pairs inside the box (batch 1-3) must hold too; otherwise some other condition (a stage map's
+    parity deciding a padding branch) was assumed. The upper end is ``ep.range_constraints``' (checked up
+    to ``SCAN_FACTOR`` times the export size).
     """
     placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder"
                        and n.name in ep.graph_signature.user_inputs)
     shape = placeholder.meta["val"].shape
-    out: dict[str, tuple[int | None, int | None]] = {}
+    upper = {}
     for axis, label in ((2, "H"), (3, "W")):
         s = shape[axis]
         if isinstance(s, int) or not s.node.expr.is_Symbol:
             raise ExportError(f"the model does not export with a dynamic {label}: torch.export fixed it to {s}; "
                               "export without --dynamic-size at each input size")
         vr = ep.range_constraints[s.node.expr]
-        out[label] = (int(vr.lower), int(vr.upper) if vr.upper.is_Integer and int(vr.upper) < 2**20 else None)
+        upper[label] = int(vr.upper) if vr.upper.is_Integer and int(vr.upper) < 2**20 else None
     C, H, W = input_size
-    (h0, _), (w0, _) = out["H"], out["W"]
-    module = ep.module()
-    for dh, dw in PROBE_OFFSETS:
-        for base_h, base_w in ((H, W), (h0, w0)):
-            h, w = base_h + dh, base_w + dw
+    holds = _guard_check(ep)
+    refuse = ("the model does not export with a dynamic H/W: the traced graph is not valid at {}x{}, a "
+              "condition ONNX would not check; export without --dynamic-size at each input size")
+    if holds is None:  # no evaluable guards: run the program at sizes around the export size
+        module = ep.module()
+        for h, w in ((H + 1, W + 3), (H + 17, W + 45)):
             try:
                 with torch.no_grad():
                     module(torch.zeros(EXAMPLE_BATCH, C, h, w))
-            except Exception as e:  # a failed guard: the program is not valid on the whole range
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ExportError(
-                    f"the model does not export with a dynamic H/W: the traced graph is not valid at {h}x{w} "
-                    f"({first}), a condition ONNX would not check; export without --dynamic-size at each "
-                    "input size") from None
-    return out
+            except Exception:  # a failed guard
+                raise ExportError(refuse.format(h, w)) from None
+        return {"H": (H, upper["H"]), "W": (W, upper["W"])}
+    lows = {}
+    for label, size, make in (("H", H, lambda v: (EXAMPLE_BATCH, C, v, W)),
+                              ("W", W, lambda v: (EXAMPLE_BATCH, C, H, v))):
+        bad = [v for v in range(1, SCAN_FACTOR * size + 1) if not holds(make(v))]
+        lows[label] = max(bad) + 1 if bad else 1
+        if lows[label] > size:
+            raise ExportError(refuse.format(*make(max(bad))[2:]))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(256):
+        b = int(torch.randint(1, 4, (), generator=gen))
+        h = int(torch.randint(lows["H"], SCAN_FACTOR * H + 1, (), generator=gen))
+        w = int(torch.randint(lows["W"], SCAN_FACTOR * W + 1, (), generator=gen))
+        if not holds((b, C, h, w)):
+            raise ExportError(refuse.format(h, w))
+    return {"H": (lows["H"], upper["H"]), "W": (lows["W"], upper["W"])}
 
 
 def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
@@ -236,7 +288,7 @@ def export(model: nn.Module, fmt: str, input_size: Sequence[int], output: str | 
     C, H, W = input_size
     inputs = [torch.randn(EXAMPLE_BATCH, C, H, W)]
     if dynamic_size:  # the same graph at a second size
-        inputs.append(torch.randn(1, C, H + PROBE_OFFSETS[-1][0], W + PROBE_OFFSETS[-1][1]))
+        inputs.append(torch.randn(1, C, H + 17, W + 45))
     tmp = output.with_name(f".{output.name}.partial")
     try:
         if fmt == "onnx":

@@ -30,7 +30,7 @@ SMALL = {
     "nat_mini": dict(embed_dim=32, depths=(1, 1, 1, 1)),
     "dinat_mini": dict(embed_dim=32, depths=(2, 2, 2, 2), dilations=_DIL),
     "dinat_s_tiny": dict(embed_dim=48, depths=(2, 2, 2, 2), dilations=_DIL),
-    "dinat_isotropic_small": dict(embed_dim=96, depth=2, num_heads=6),
+    "dinat_isotropic_small": dict(embed_dim=96, depth=4, num_heads=6),  # features: the last 3 blocks
     "biformer_tiny": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256)),
     "biformer_stl": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256)),
     "maxvit_t": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), stem_width=32, head_hidden_size=256),
