@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools<81" wheel
 	$(PY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0" "triton==3.7.1"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,export]"
 	$(PY) -c "import attnzoo, timm, torch, triton; print('attnzoo', attnzoo.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
 	touch $@
 

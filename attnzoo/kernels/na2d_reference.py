@@ -94,7 +94,9 @@ def dense_mask(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int
     SDPA's memory-efficient kernel sees an aligned row stride and uses the mask in place.
     """
     L = H * W
-    keys, bias = _mask_index(H, W, kernel_size, dilation, str(device))
+    # traced (torch.compile / export): built in the graph, so no fake tensor or symbolic size is cached
+    index = _mask_index.__wrapped__ if torch.compiler.is_compiling() else _mask_index
+    keys, bias = index(H, W, kernel_size, dilation, str(device))
     if rpb is None:
         vals = torch.zeros(1, L, keys.shape[1], dtype=dtype, device=device)
     else:
@@ -121,13 +123,16 @@ def na2d_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: t
 
 def na2d_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
                 dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float,
-                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                chunk_elements: int | None = CHUNK_ELEMENTS) -> torch.Tensor:
     """Neighborhood attention by gathering each query's neighbours, chunked over query rows (any map size;
-    memory bounded by ``chunk_elements``; chunks checkpointed under autograd)."""
+    memory bounded by ``chunk_elements``; chunks checkpointed under autograd). ``chunk_elements=None``
+    gathers the whole map at once with plain autograd (the traced path of :func:`na2d_reference`)."""
     B, H, W, N, D = q.shape
     (kh, kw), (dh, dw) = kernel_size, dilation
     iy, by = neighbour_index(H, kh, dh, q.device)
     ix, bx = neighbour_index(W, kw, dw, q.device)
+    if chunk_elements is None:
+        return _rows(q, k, v, rpb, iy, by, ix, bx, scale)
     rows_per_chunk = max(1, chunk_elements // max(1, B * W * N * D * kh * kw))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rpb))
@@ -150,6 +155,13 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
     """
     B, H, W, N, D = q.shape
     (kh, kw) = kernel_size
+    if torch.compiler.is_compiling():
+        # Traced (torch.compile, torch.export, ONNX): no branch on the batch size, which may be symbolic (a
+        # dynamic batch would be specialised); a symbolic map size always gathers, so one graph serves
+        # every size. The gather runs unchunked: a chunk count would depend on the symbolic sizes too.
+        if isinstance(H, int) and isinstance(W, int) and H * W <= DENSE_WASTE * kh * kw:
+            return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
+        return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements=None)
     if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
         return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
     return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements)

@@ -87,7 +87,9 @@ def rpb_bias(rpb: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
     """Expand a table ``[heads, 2ph-1, 2pw-1]`` to ``[heads, N, N]``: bias[h, q, k] = rpb[h, dk_y + ph-1, dk_x + pw-1]
     with ``dk = key position - query position`` inside the partition."""
     ph, pw = part
-    return rpb.flatten(1)[:, relative_index(ph, pw, rpb.device)].view(-1, ph * pw, ph * pw)
+    # traced (torch.compile / export): built in the graph, so no fake tensor is cached
+    index = relative_index.__wrapped__ if torch.compiler.is_compiling() else relative_index
+    return rpb.flatten(1)[:, index(ph, pw, rpb.device)].view(-1, ph * pw, ph * pw)
 
 
 def partitioned_attention_reference(
