@@ -62,7 +62,8 @@ def build_model(name: str, checkpoint: str | None = None, pretrained_path: str |
     if checkpoint and pretrained_path:
         raise ExportError("pass --checkpoint (a training checkpoint) or --pretrained-path (official weights), not both")
     if name not in timm.list_models():
-        raise ExportError(f"--model {name!r} is not a registered model; see attnzoo.list_models() or timm.list_models()")
+        raise ExportError(f"--model {name!r} is not a registered model; "
+                          "see attnzoo.list_models() or timm.list_models()")
     for flag, path in (("--checkpoint", checkpoint), ("--pretrained-path", pretrained_path)):
         if path and not Path(path).is_file():
             raise ExportError(f"{flag} {path}: no such file")

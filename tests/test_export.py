@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import attnzoo  # noqa: F401
@@ -55,7 +54,7 @@ def _onnx_pair(name: str, model: torch.nn.Module, tmp_path: Path) -> tuple[float
     x224, xodd = torch.randn(2, 3, 224, 224), torch.randn(1, 3, *ODD)
     if name in DYNAMIC_HW:
         res = export(model, "onnx", (3, 224, 224), tmp_path / "m.onnx", dynamic_size=True, optimize=False)
-        (h0, h1), (w0, w1) = res.size_range["H"], res.size_range["W"]
+        (h0, _), (w0, _) = res.size_range["H"], res.size_range["W"]
         assert h0 <= 224 and w0 <= 224, res.size_range
         if h0 <= ODD[0] and w0 <= ODD[1]:
             return check_onnx(res.path, model, [x224]), check_onnx(res.path, model, [xodd]), True

@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
                    help="input channels, height and width of the example (and the checked) input")
     p.add_argument("--dynamic-size", action="store_true",
                    help="make H and W dynamic too (refused for models whose graph would only hold at some sizes)")
-    p.add_argument("--features-only", action="store_true", help="export the backbone's feature maps, not the classifier")
+    p.add_argument("--features-only", action="store_true",
+                   help="export the backbone's feature maps, not the classifier")
     p.add_argument("--output", required=True, metavar="FILE", help="file to write (.onnx or .pt2)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return p
