@@ -79,21 +79,6 @@ def time_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
     return statistics.median(samples)
 
 
-def gpu_time_ms(fn: Callable[[], Any], iters: int = 20) -> float:
-    """Summed device time of the kernels ``fn()`` launches, per call (``torch.profiler``): the GPU's share
-    of a step, so host time shows as the difference to :func:`time_ms`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total_us = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA")
-    return total_us / iters / 1e3
-
-
 def kernel_times_ms(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
     """Device time per call of each kernel ``fn()`` launches, by kernel name (``torch.profiler``)."""
     from torch.profiler import ProfilerActivity, profile
@@ -109,6 +94,12 @@ def kernel_times_ms(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
         if e.device_type.name == "CUDA":
             times[e.name] = times.get(e.name, 0.0) + e.device_time_total / iters / 1e3
     return times
+
+
+def gpu_time_ms(fn: Callable[[], Any], iters: int = 20) -> float:
+    """Summed device time of the kernels ``fn()`` launches, per call: the GPU's share of a step, so host
+    time shows as the difference to :func:`time_ms`."""
+    return sum(kernel_times_ms(fn, iters).values())
 
 
 def peak_memory_mib(fn: Callable[[], Any]) -> float | None:

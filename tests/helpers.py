@@ -5,6 +5,7 @@ Tolerances follow the device METHOD: relative L2 error against a float64 referen
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Relative L2 tolerances per dtype of the computation under test.
 REL_L2_TOL = {
@@ -38,3 +39,15 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).min)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the ATen (and custom) ops that run under it, by name, in ``ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

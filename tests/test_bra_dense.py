@@ -6,13 +6,12 @@ import random
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels.bra import auto_backend, choose_deterministic, dense_predicted_faster
 from attnzoo.kernels.bra_dense import routing_bias
 from attnzoo.kernels.bra_reference import route_regions
-from tests.helpers import assert_rel_l2
+from tests.helpers import RecordOps, assert_rel_l2
 from tests.test_bra import _brute_force_bra, _qkv, _region_of_tokens
 
 bra_module = importlib.import_module("attnzoo.kernels.bra")  # the module; attnzoo.kernels.bra is the function
@@ -108,16 +107,6 @@ def test_inference_mode_then_training(backend):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 # Metadata-only ops and allocations: no device kernel.
 _NO_KERNEL = {"aten.empty", "aten.new_empty", "aten.view", "aten.unflatten", "aten.transpose", "aten.reshape",
               "aten._unsafe_view", "aten.expand", "aten.promote_types"}
@@ -128,11 +117,11 @@ def test_routing_and_bias_are_few_ops_without_host_sync():
     scatter-add, log, broadcast copy) and SDPA; no .item()-style host sync anywhere."""
     qkv = torch.randn(2, 14, 14, 4, 24)
     q, k, v = qkv.split(8, dim=-1)
-    with _CountOps() as routing:
+    with RecordOps() as routing:
         route_regions(q, k, 7, 4, 0.3)
     compute = [op for op in routing.ops if op not in _NO_KERNEL]
     assert compute == ["aten.sum", "aten.sum", "aten.baddbmm", "aten.topk"], routing.ops
-    with _CountOps() as whole:
+    with RecordOps() as whole:
         bra(q, k, v, 7, 4, backend="dense")
     assert "aten._local_scalar_dense" not in whole.ops and "aten.item" not in whole.ops, whole.ops
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnzoo.blocks import set_attention_backend
 from attnzoo.kernels import _op, bra, na2d, partitioned_attention
 from attnzoo.kernels.bra_reference import route_regions
-from tests.helpers import assert_rel_l2
+from tests.helpers import RecordOps, assert_rel_l2
 
 
 def _qkv(shape, dtype=torch.float32, requires_grad=False):
@@ -90,23 +89,13 @@ def test_auto_takes_the_reference_while_exporting(monkeypatch):
     assert _op.resolve_backend("na2d", "auto", torch.device("cpu"), lambda: "triton") == "reference"
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("op", OPS)
 def test_eager_calls_skip_custom_op_dispatch(op):
     """Eager forward+backward runs the autograd.Function, not the attnzoo:: custom ops (their Python
     dispatch was the backward's host floor); torch.compile still sees the custom ops."""
     q, k, v = _qkv((1, 8, 8, 2, 16), requires_grad=True)
-    with _Ops() as seen:
+    with RecordOps() as seen:
         OPS[op](q, k, v, "triton").sum().backward()
     assert not [o for o in seen.ops if o.startswith("attnzoo.")], seen.ops
     assert torch.isfinite(q.grad).all()
@@ -118,7 +107,7 @@ def test_bra_routing_has_no_host_sync():
     index = route_regions(q, k, 4, 2, 0.25)
     from attnzoo.kernels import routed_attention
 
-    with _Ops() as seen:
+    with RecordOps() as seen:
         routed_attention(q, k, v, index, 4)
         bra(q, k, v, 4, 2)
     assert "aten._local_scalar_dense" not in seen.ops and "aten.item" not in seen.ops, seen.ops
