@@ -28,7 +28,6 @@ _DIL = [[1, 8], [1, 4], [1, 2], [1, 1]]  # DiNAT's 224² schedule, two blocks pe
 SMALL = {
     "nat_mini": dict(embed_dim=32, depths=(1, 1, 1, 1)),
     "dinat_mini": dict(embed_dim=32, depths=(2, 2, 2, 2), dilations=_DIL),
-    "dinat_s_tiny": dict(embed_dim=48, depths=(2, 2, 2, 2), dilations=_DIL),
     "dinat_isotropic_small": dict(embed_dim=96, depth=4, num_heads=6),  # features: the last 3 blocks
     "biformer_tiny": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256)),
     "biformer_stl": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256)),
@@ -41,7 +40,9 @@ SMALL = {
 }
 # Families whose exported graph holds for every H/W in a range (checked by export's probes); the others'
 # graphs depend on a stage map's parity or divisibility (padding branches), and export refuses them.
-DYNAMIC_HW = {"nat_mini", "dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"}
+# DiNAT-s (NAT's blocks on DiNAT's schedule, both covered here) is not in this suite: its dynamic-size
+# export ran past 20 minutes on two CPU cores.
+DYNAMIC_HW = {"nat_mini", "dinat_mini", "dinat_isotropic_small"}
 
 
 def _model(name: str, features_only: bool = False) -> torch.nn.Module:
