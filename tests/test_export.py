@@ -117,7 +117,8 @@ def test_compile_fullgraph_forward_backward(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads), f"{name}: missing or non-finite grads"
 
 
-@pytest.mark.parametrize("name", ["focalnet_t_srf", "davit_t"])
+@pytest.mark.parametrize("name", ["focalnet_t_srf", pytest.param("davit_t", marks=pytest.mark.skipif(
+    not EXPORT_ALL, reason="exported with ATTNZOO_EXPORT_ALL=1 (over two minutes on two CPU cores)"))])
 def test_dynamic_size_refused_where_the_graph_needs_more_than_a_range(name, tmp_path):
     """Their stems pad to a multiple of 4 only when needed: a graph traced at 224² holds at multiples of 4."""
     with pytest.raises(ExportError, match="does not export with a dynamic H/W"):
