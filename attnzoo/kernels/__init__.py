@@ -1,6 +1,7 @@
 """Attention kernels: a fused Triton implementation and a pure-PyTorch reference for each op.
 
-``backend="auto"`` sends CUDA tensors to Triton and everything else to the reference.
+Every op takes ``backend`` = ``"auto"`` (its ``auto_backend`` rule on CUDA, the reference elsewhere and
+while exporting), ``"triton"``, ``"dense"`` or ``"reference"``; the mechanism is in ``_op.py``.
 """
 from attnzoo.kernels.bra import bra, routed_attention
 from attnzoo.kernels.na2d import na2d
