@@ -35,6 +35,7 @@ class Case:
     peer: str | None = None
     kwargs: dict = field(default_factory=dict, hash=False)
     compile: bool = False
+    reduce_overhead: bool = False
 
 
 def _fam(family: str, models: Iterable[str], peers: dict[str, str] | None = None,
@@ -92,8 +93,10 @@ class Prepared:
     infer: Callable[[], None]
     train_step: Callable[[], None]
     model: torch.nn.Module
+    infer_ro: Callable[[], None] | None = None
     infer_ms: list[float] = field(default_factory=list)
     train_ms: list[float] = field(default_factory=list)
+    infer_ro_ms: list[float] = field(default_factory=list)
 
 
 def prepare(case: Case, batch: int, img_size: int, device: torch.device, channels_last: bool = True) -> Prepared:
@@ -119,7 +122,16 @@ def prepare(case: Case, batch: int, img_size: int, device: torch.device, channel
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Prepared(case, infer, train_step, model)
+    infer_ro = None
+    if case.compile and case.reduce_overhead:  # inference through CUDA graphs (a model of its own: eval mode)
+        ro_model = torch.compile(model, mode="reduce-overhead")
+
+        def infer_ro():
+            model.eval()
+            with torch.no_grad(), _autocast(device):
+                ro_model(x)
+
+    return Prepared(case, infer, train_step, model, infer_ro)
 
 
 def _row(p: Prepared, batch: int, peak: float | None) -> dict:
@@ -131,6 +143,8 @@ def _row(p: Prepared, batch: int, peak: float | None) -> dict:
     infer, infer_spread = stats(p.infer_ms)
     train, train_spread = stats(p.train_ms)
     extra = {"kwargs": json.dumps(p.case.kwargs)} if p.case.kwargs else {}
+    if p.infer_ro_ms:
+        extra["infer_reduce_overhead_img_s"], extra["infer_reduce_overhead_spread"] = stats(p.infer_ro_ms)
     return dict(family=p.case.family, model=p.case.model, backend=p.case.backend, **extra,
                 compiled=p.case.compile, params_m=sum(t.numel() for t in p.model.parameters()) / 1e6,
                 infer_img_s=infer, infer_spread=infer_spread, train_img_s=train, train_spread=train_spread,
@@ -151,7 +165,7 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
     todo: list[Case] = []
     for c in cases:
         todo.append(c)
-        peer = Case(c.peer, c.family, "auto", compile=c.compile) if c.peer else None
+        peer = Case(c.peer, c.family, "auto", compile=c.compile, reduce_overhead=c.reduce_overhead) if c.peer else None
         if peer and c.backend == "auto" and peer not in todo:
             todo.append(peer)
     report = Report(name, f"Model throughput, batch {batch}, {img_size}², "
@@ -159,7 +173,8 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
                     notes=f"img/s = batch / median step time (do_bench) over {repeats} repeats in alternating order "
                           "(all cases in list order, then reversed, ...); spread = (max - min) / median of the "
                           "step times; train = forward + backward + AdamW step; backend = attnzoo kernel path "
-                          "(auto: Triton on CUDA), timm models run their own code; compiled = torch.compile.")
+                          "(auto: Triton on CUDA), timm models run their own code; compiled = torch.compile "
+                          "(default mode; infer_reduce_overhead: inference under mode='reduce-overhead', CUDA graphs).")
     prepared, failed = [], []
     for c in todo:
         if c.model not in known:
@@ -174,6 +189,8 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
             try:
                 p.infer_ms.append(time_ms(p.infer, warmup=100, rep=rep_ms[0]))
                 p.train_ms.append(time_ms(p.train_step, warmup=200, rep=rep_ms[1]))
+                if p.infer_ro is not None:
+                    p.infer_ro_ms.append(time_ms(p.infer_ro, warmup=100, rep=rep_ms[0]))
             except Exception as e:  # noqa: BLE001
                 failed.append(_error_row(p.case, e))
                 prepared.remove(p)
@@ -202,17 +219,21 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
     p.add_argument("--compile", action="store_true", help="also measure the models under torch.compile")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="with --compile: also inference under torch.compile(mode='reduce-overhead') (CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3, help="timings per case, in alternating order")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
     if a.models:
-        cases = [Case(m, "-", b, kwargs=a.kwargs, compile=c) for m in a.models for b in a.backends
+        cases = [Case(m, "-", b, kwargs=a.kwargs, compile=c, reduce_overhead=c and a.reduce_overhead)
+                 for m in a.models for b in a.backends
                  for c in ((False, True) if a.compile else (False,))]
     else:
         cases = [c for c in DEFAULT_CASES if not a.families or c.family in a.families]
         if a.compile:
-            cases += [Case(c.model, c.family, c.backend, c.peer, c.kwargs, compile=True)
+            cases += [Case(c.model, c.family, c.backend, c.peer, c.kwargs, compile=True,
+                           reduce_overhead=a.reduce_overhead)
                       for c in cases if c.backend == "auto"]
     batch, size = (2, 64) if a.quick else (a.batch, a.img_size)
     rep_ms = (20, 40) if a.quick else (500, 1500)

@@ -201,6 +201,7 @@ def host(case_names=("nat7", "nat14", "nat56")) -> list[dict]:
             rows.append(dict(case=name, call=label, fwd_bwd_ms=time_ms(fn), gpu_ms=gpu_time_ms(fn),
                              host_submit_ms=submit))
             print(rows[-1], flush=True)
+        rows += _launch_rows(name, q, kk, v, rpb, dout, k, d)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(100):
@@ -208,8 +209,63 @@ def host(case_names=("nat7", "nat14", "nat56")) -> list[dict]:
         prof.disable()
         torch.cuda.synchronize()
         text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-        print(text.getvalue()[-3500:], flush=True)
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue()[-6000:], flush=True)
+    return rows
+
+
+def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
+    """Host time of the pieces of one na2d forward+backward: each bare kernel launch (Triton's JIT launcher,
+    arguments prepared), the op's forward and backward host functions, and an empty autograd.Function."""
+    import time
+
+    from attnzoo.kernels import na2d_triton as T
+
+    q, kk, v, rpb = (t.detach() for t in (q, kk, v, rpb))
+    scale = q.shape[-1] ** -0.5
+    ks, dil = (k, k), (d, d)
+    out, lse = T.na2d_forward(q, kk, v, rpb, ks, dil, scale)
+    B, H, W, N, D = q.shape
+    key = (tuple(q.shape), q.dtype, ks, dil, True, True, False)
+    p_fwd, p_dq, p_dkdv = T._plan("fwd", *key[:5], False, False), T._plan("dq", *key), T._plan("dkdv", *key)
+    scratch = torch.empty(lse.numel() + p_dq.grid[0] * p_dq.meta["AB"] ** 2, dtype=torch.float32, device=q.device)
+    delta, partial = scratch[:lse.numel()], scratch[lse.numel():]
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    strides = (*q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0))
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c, r):
+            return a.view_as(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None, None, None
+
+    qg = q.detach().requires_grad_()
+    pieces = {
+        "launch fwd kernel": lambda: T._na2d_fwd_kernel[p_fwd.grid](
+            q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4],
+            rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
+        "launch dq kernel": lambda: T._na2d_bwd_dq_kernel[p_dq.grid](
+            q, kk, v, rpb, out, dout, lse, delta, dq, partial, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
+        "launch dkdv kernel": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid](
+            q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
+        "na2d_forward (host fn)": lambda: T.na2d_forward(q, kk, v, rpb, ks, dil, scale),
+        "na2d_backward (host fn)": lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, ks, dil, scale, True),
+        "empty autograd.Function fwd+bwd": lambda: torch.autograd.grad(Empty.apply(qg, kk, v, rpb), (qg,), dout),
+    }
+    rows = []
+    for label, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        submit = (time.perf_counter() - t0) * 5
+        torch.cuda.synchronize()
+        rows.append(dict(case=name, call=label, host_submit_ms=submit))
+        print(rows[-1], flush=True)
     return rows
 
 

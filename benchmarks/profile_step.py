@@ -17,15 +17,17 @@ from torch.profiler import ProfilerActivity, profile
 import attnzoo  # noqa: F401  (registers the models)
 
 
-def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12) -> dict:
+def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12, host: bool = False,
+                 compile: bool = False) -> dict:
     model = timm.create_model(name).cuda().to(memory_format=torch.channels_last)
+    run_model = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, img_size, img_size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters())
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -46,17 +48,45 @@ def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12
         if e.device_type.name == "CUDA":
             kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + e.device_time_total / 1e3
     gpu_ms = sum(kernels.values())
-    print(name, "step ms", step_ms, "gpu ms", gpu_ms)
+    print(name, "compiled" if compile else "eager", "step ms", step_ms, "gpu ms", gpu_ms, "peak MiB",
+          torch.cuda.max_memory_allocated() / 2**20)
     for k, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {ms:.2f} {k}")
+    if host:
+        _host_profile(step, top)
     return dict(model=name, step_ms=step_ms, gpu_ms=gpu_ms, img_s=batch / step_ms * 1e3)
+
+
+def _host_profile(step, top: int) -> None:
+    """Where the host's time goes in one step: operators by self CPU time (torch.profiler, CPU only), then
+    Python functions by own time (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=3 * top), flush=True)
+    cprof = cProfile.Profile()
+    cprof.enable()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    cprof.disable()
+    text = io.StringIO()
+    pstats.Stats(cprof, stream=text).sort_stats("tottime").print_stats(3 * top)
+    print(text.getvalue(), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
-    for name in ap.parse_args().models:
-        profile_step(name)
+    ap.add_argument("--host", action="store_true", help="also profile the host: operators and Python functions")
+    ap.add_argument("--compile", action="store_true", help="the step under torch.compile (default mode)")
+    args = ap.parse_args()
+    for name in args.models:
+        profile_step(name, host=args.host, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,36 @@ def test_auto_takes_the_reference_while_exporting(monkeypatch):
     cuda = torch.device("cuda")
     if _op.HAS_TRITON:
         assert _op.resolve_backend("na2d", "auto", cuda, lambda: "triton") == "triton"
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)  # what torch.export sets while tracing
     assert _op.resolve_backend("na2d", "auto", cuda, lambda: "triton") == "reference"
     assert _op.resolve_backend("na2d", "auto", torch.device("cpu"), lambda: "triton") == "reference"
+
+
+@pytest.mark.skipif(not _op.HAS_TRITON, reason="needs the triton package")
+def test_auto_keeps_the_fused_kernels_under_torch_compile(monkeypatch):
+    """torch.compile is not an export: "auto" resolves to the fused kernels there. torch 2.11's Dynamo folds
+    ``torch.compiler.is_exporting()`` to True under every compile, which sent compiled NAT/DiNAT/BiFormer to the
+    reference path (5x slower); ``is_exporting`` is patched to answer as that Dynamo did."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_dynamo_compiling())
+
+    def route(x):
+        return x + (1 if _op.resolve_backend("na2d", "auto", torch.device("cuda"), lambda: "triton") == "triton" else 0)
+
+    assert torch.compile(route, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 1
+
+
+def test_export_flag_seen_by_strict_and_non_strict_export():
+    """Both torch.export modes set the flag ``exporting`` reads (a changed torch would fail here first)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x + (1 if _op.exporting() else 0)
+
+    for strict in (False, True):
+        ep = torch.export.export(Probe(), (torch.zeros(2),), strict=strict)
+        seen.append(ep.module()(torch.zeros(2))[0].item())
+    assert seen == [1, 1]
 
 
 @pytest.mark.triton_interpret

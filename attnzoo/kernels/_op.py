@@ -34,8 +34,17 @@ def triton_interpret_enabled() -> bool:
 
 
 def exporting() -> bool:
-    """True while ``torch.onnx.export`` or ``torch.export`` traces a model."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    """True while ``torch.onnx.export`` or ``torch.export`` (strict or not) traces a model; False under
+    ``torch.compile``.
+
+    Reads torch.export's own flag: Dynamo folds ``torch.compiler.is_exporting()`` (and ONNX's flag) to
+    constants, and some releases (torch 2.11) fold it to True under every compile, which sent compiled
+    models to the reference path.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:
+        flag = torch.compiler.is_exporting()
+    return bool(flag) or (not torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, auto_rule: Callable[[], str]) -> str:

@@ -449,5 +449,7 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not rpb_grad:
         return dq, dk, dv, None
     kh, kw = 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1
-    drpb = partial.view(B, N, -1, ab, ab).sum((0, 2))[:, :kh, :kw]  # fixed-order reduction: deterministic
-    return dq, dk, dv, drpb.contiguous()  # contiguous like the table (and the custom op's fake kernel)
+    # fixed-order reduction (deterministic) of the table's part of the partials: one launch, contiguous
+    # output like the table (and the custom op's fake kernel)
+    drpb = partial.view(B, N, -1, ab, ab)[..., :kh, :kw].sum((0, 2))
+    return dq, dk, dv, drpb.contiguous()
