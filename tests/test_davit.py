@@ -10,6 +10,7 @@ import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.backbones.davit import DaVit, checkpoint_filter_fn
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.channel import ChannelAttention
+from benchmarks.saved_memory import count_step
 from tests.helpers import assert_rel_l2
 from tests.parity import (create_from_official, load_fixture, official_state_dict, parity_error,
                           save_official_checkpoint)
@@ -71,6 +72,44 @@ def test_channel_attention_rejects_bad_input():
         ChannelAttention(30, 4)
     with pytest.raises(ValueError, match=r"x must be \[B, H, W, 16\]"):
         ChannelAttention(16, 2)(torch.randn(2, 16, 4, 4))
+
+
+class _Tokens(torch.nn.Module):
+    """timm's ChannelAttention on an NHWC map (it takes ``[B, N, C]`` tokens)."""
+
+    def __init__(self, attn: torch.nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.flatten(1, 2))
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None, skip: str = "") -> int:
+    saved = count_step(model, x, autocast, count_ops=False).saved
+    return sum(b for name, b in saved.items() if not (skip and skip in name))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_channel_attention_saves_no_more_than_timm(autocast):
+    """What the block keeps for backward stays in the compute dtype: SDPA's math fallback (the only SDPA
+    path for N-dimensional channel tokens) upcast bf16 to fp32 and doubled it (DaViT-T's +0.5 GB)."""
+    ours = ChannelAttention(64, 4)
+    theirs = _Tokens(timm_davit.ChannelAttention(64, 4, qkv_bias=True))
+    x = torch.randn(2, 28, 28, 64)
+    a, b = _saved_bytes(ours, x, autocast), _saved_bytes(theirs, x, autocast)
+    assert a <= b, f"ChannelAttention saves {a} bytes for backward, timm's {b} ({autocast})"
+
+
+def test_davit_saves_no_more_than_timm_under_bf16_autocast():
+    """Module by module the same activations as timm's DaViT; window attention cores are left out (on CPU
+    they run the reference path, whose partition copies the fused CUDA kernel does not make)."""
+    ours, theirs = DaVit(**SMALL), timm_davit.DaVit(**SMALL)
+    x = torch.randn(1, 3, 112, 112)
+    skip = ".0.attn"  # blocks.{i}.0 is the spatial block in both
+    assert any(".0.attn" in n for n, _ in ours.named_modules()) and any(".1.attn" in n for n, _ in ours.named_modules())
+    a, b = _saved_bytes(ours, x, torch.bfloat16, skip), _saved_bytes(theirs, x, torch.bfloat16, skip)
+    assert a <= b, f"DaVit saves {a} bytes for backward outside window attention, timm's DaVit {b}"
 
 
 @pytest.mark.parametrize("size", [(224, 224), (200, 300), (33, 47)])
