@@ -52,7 +52,8 @@ class StepCounts:
     """Saved-for-backward bytes and aten op counts of one training forward + backward."""
 
     saved: dict[str, int] = field(default_factory=dict)  # module name -> bytes
-    saved_tensors: dict[str, int] = field(default_factory=dict)  # "module dtype[shape]" -> bytes
+    # (module name, dtype, shape) -> bytes
+    saved_tensors: dict[tuple[str, torch.dtype, tuple[int, ...]], int] = field(default_factory=dict)
     ops: Counter = field(default_factory=Counter)  # aten op -> calls, forward and backward
     kernels: Counter = field(default_factory=Counter)  # aten op -> calls that write memory
     written: Counter = field(default_factory=Counter)  # aten op -> bytes of the new tensors it returned
@@ -124,7 +125,7 @@ def count_step(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None =
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[tuple[int, int]] = set()
     saved: dict[str, int] = defaultdict(int)
-    tensors: dict[str, int] = defaultdict(int)
+    tensors: dict[tuple[str, torch.dtype, tuple[int, ...]], int] = defaultdict(int)
     keep: list[torch.Tensor] = []  # holds saved storages, so no address is reused within the step
 
     with _module_scope(model) as stack:
@@ -135,7 +136,7 @@ def count_step(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None =
                 seen.add(key)
                 keep.append(t)
                 saved[stack[-1]] += key[1]
-                tensors[f"{stack[-1]} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"] += key[1]
+                tensors[stack[-1], t.dtype, tuple(t.shape)] += key[1]
             return t
 
         model.train()

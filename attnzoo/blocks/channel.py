@@ -19,12 +19,12 @@ class ChannelAttention(nn.Module):
     ``head_dim x head_dim`` attention map over channels) with ``scale = head_dim ** -0.5``.
 
     It runs as two batched matmuls in the input dtype on one head-major copy of the projection (timm makes
-    the same copy as three), with the scale applied inside the first product (``baddbmm``'s alpha, so the
-    logits are rounded once, as timm's are). Not through ``F.scaled_dot_product_attention``: no fused SDPA
-    kernel takes ``head_dim`` tokens of dimension N (3136 at stride 4) from strided views, and SDPA's math
-    fallback upcasts bf16/fp16 to fp32, which doubled what the block saves for backward (DaViT-T trained
-    with 0.5 GB more than timm's). Parameter names (``qkv``, ``proj``) and the ``(3, heads, head_dim)`` qkv
-    channel order are the official ones.
+    the same copy as three) and scales the small ``head_dim²`` logits in fp32 before the softmax (timm
+    scales the whole k map; one rounding of the logits either way). Not through
+    ``F.scaled_dot_product_attention``: no fused SDPA kernel takes ``head_dim`` tokens of dimension N (3136
+    at stride 4) from strided views, and SDPA's math fallback upcasts bf16/fp16 to fp32, which doubled what
+    the block saves for backward (DaViT-T trained with 0.5 GB more than timm's). Parameter names (``qkv``,
+    ``proj``) and the ``(3, heads, head_dim)`` qkv channel order are the official ones.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0):
@@ -46,9 +46,9 @@ class ChannelAttention(nn.Module):
         d = self.head_dim
         # [3, B * heads, head_dim, N]: one row per channel token, one copy for q, k and v
         q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, d).permute(2, 0, 3, 4, 1).reshape(3, -1, d, H * W)
-        # beta=0: the uninitialised first argument is ignored
-        attn = torch.baddbmm(k.new_empty(k.shape[0], d, d), k, v.transpose(1, 2), beta=0, alpha=self.scale)
-        out = torch.bmm(attn.softmax(-1), q)  # [B * heads, head_dim, N]
+        logits = torch.bmm(k, v.transpose(1, 2))  # [B * heads, head_dim, head_dim]
+        attn = (logits.to(torch.promote_types(logits.dtype, torch.float32)) * self.scale).softmax(-1)
+        out = torch.bmm(attn.to(q.dtype), q)  # [B * heads, head_dim, N]
         out = out.view(B, self.num_heads, d, H, W).permute(0, 3, 4, 1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
 
