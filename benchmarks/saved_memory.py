@@ -8,7 +8,7 @@ Two counts that explain peak training memory and launch-bound step time without 
 * aten ops of one forward + backward (a ``TorchDispatchMode`` counter): all calls, the calls that run a
   kernel (write memory: not views, not allocations), the copies among them (``clone``, ``_to_copy``,
   ``copy_``, ``constant_pad_nd``, ...) and the bytes the copies write; kernels in the forward pass are
-  also attributed to modules.
+  also attributed to modules. Triton launches are not aten ops: the fused attention kernels are not counted.
 
 Runs on any device and dtype (``--device cuda --autocast bf16``). Window attention follows the models'
 ``attn_backend``: on CUDA the fused partitioned-attention kernel saves only q, k, v (views of the qkv
