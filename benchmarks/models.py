@@ -13,7 +13,7 @@ import argparse
 import contextlib
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import timm
@@ -157,15 +157,18 @@ def _error_row(case: Case, e: Exception) -> dict:
 
 
 def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_dir=None, repeats: int = 3,
-        rep_ms: tuple[int, int] = (500, 1500)) -> Report:
+        rep_ms: tuple[int, int] = (500, 1500), drop_path_rate: float | None = None) -> Report:
     """Every case and its timm peer, timed ``repeats`` times in alternating order (forward, then reversed),
-    so drift of the host or the GPU clocks lands on both sides of each pair; medians and spreads."""
+    so drift of the host or the GPU clocks lands on both sides of each pair; medians and spreads.
+    ``drop_path_rate`` (None: each model's default) is given to every model, peers included."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     known = set(timm.list_models())
+    shared = {} if drop_path_rate is None else dict(drop_path_rate=drop_path_rate)
     todo: list[Case] = []
     for c in cases:
-        todo.append(c)
-        peer = Case(c.peer, c.family, "auto", compile=c.compile, reduce_overhead=c.reduce_overhead) if c.peer else None
+        todo.append(replace(c, kwargs={**c.kwargs, **shared}))
+        peer = (Case(c.peer, c.family, "auto", kwargs=shared, compile=c.compile, reduce_overhead=c.reduce_overhead)
+                if c.peer else None)
         if peer and c.backend == "auto" and peer not in todo:
             todo.append(peer)
     report = Report(name, f"Model throughput, batch {batch}, {img_size}², "
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--reduce-overhead", action="store_true",
                    help="with --compile: also inference under torch.compile(mode='reduce-overhead') (CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3, help="timings per case, in alternating order")
+    p.add_argument("--drop-path-rate", type=float, default=None,
+                   help="stochastic depth for every model and peer (default: each model's own; e.g. davit_t "
+                        "defaults to the official 0.1, timm's davit_tiny to 0.0)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> Report:
     batch, size = (2, 64) if a.quick else (a.batch, a.img_size)
     rep_ms = (20, 40) if a.quick else (500, 1500)
     return run(cases, batch, size, a.name or ("models_quick" if a.quick else "models"), a.out_dir,
-               repeats=2 if a.quick else a.repeats, rep_ms=rep_ms)
+               repeats=2 if a.quick else a.repeats, rep_ms=rep_ms, drop_path_rate=a.drop_path_rate)
 
 
 if __name__ == "__main__":

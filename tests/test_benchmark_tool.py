@@ -1,8 +1,11 @@
-"""tools/benchmark.py in --quick mode: the model, scaling and report paths run end to end on CPU."""
+"""Benchmark tools on CPU: tools/benchmark.py in --quick mode (model, scaling and report paths end to end) and
+benchmarks.saved_memory."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +33,19 @@ def test_quick_models_scaling_and_report(tmp_path):
     text = out.read_text()
     assert "## Models" in text and "## Scaling with resolution" in text and "nat_mini" in text
     assert (tmp_path / "models.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_saved_memory_compares_a_pair(tmp_path, capsys):
+    """benchmarks.saved_memory: one row per model of a pair, saved bytes and op counts, the differences printed."""
+    from benchmarks import saved_memory
+
+    report = saved_memory.main(["focalnet_t_srf:focalnet_tiny_srf", "--img-size", "64", "--batch", "1",
+                                "--out-dir", str(tmp_path)])
+    rows = {r["model"]: r for r in report.rows}
+    assert set(rows) == {"focalnet_t_srf", "focalnet_tiny_srf"}
+    assert rows["focalnet_t_srf"]["saved_mib"] == rows["focalnet_tiny_srf"]["saved_mib"] > 0  # same activations
+    assert all(r["kernels"] > r["copies"] > 0 and r["aten_ops"] > r["kernels"] for r in rows.values())
+    assert "kernel calls by aten op" in capsys.readouterr().out
+    assert (tmp_path / "saved_memory.json").exists()
+    with pytest.raises(SystemExit):
+        saved_memory.main(["davit_t"])  # not a pair

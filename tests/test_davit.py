@@ -10,6 +10,7 @@ import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.backbones.davit import DaVit, checkpoint_filter_fn
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.channel import ChannelAttention
+from benchmarks.saved_memory import count_step
 from tests.helpers import assert_rel_l2
 from tests.parity import (create_from_official, load_fixture, official_state_dict, parity_error,
                           save_official_checkpoint)
@@ -71,6 +72,49 @@ def test_channel_attention_rejects_bad_input():
         ChannelAttention(30, 4)
     with pytest.raises(ValueError, match=r"x must be \[B, H, W, 16\]"):
         ChannelAttention(16, 2)(torch.randn(2, 16, 4, 4))
+
+
+class _Tokens(torch.nn.Module):
+    """timm's ChannelAttention on an NHWC map (it takes ``[B, N, C]`` tokens)."""
+
+    def __init__(self, attn: torch.nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.flatten(1, 2))
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None = None, skip: str = "") -> int:
+    saved = count_step(model, x, autocast, count_ops=False).saved
+    return sum(b for name, b in saved.items() if not (skip and skip in name))
+
+
+def test_channel_attention_keeps_the_compute_dtype_for_backward():
+    """Under bf16 autocast the only fp32 tensor the block saves is its [B·heads, d, d] attention map (fp32
+    softmax, as under CUDA autocast): SDPA's math fallback (the only SDPA path for N-dimensional channel
+    tokens) upcast q, k, v to fp32 and doubled what DaViT keeps (+0.5 GB for DaViT-T at batch 128).
+    In fp32 it saves no more than timm's ChannelAttention."""
+    ours = ChannelAttention(64, 4)
+    x = torch.randn(2, 28, 28, 64)
+    saved = count_step(ours, x, torch.bfloat16, count_ops=False).saved_tensors
+    fp32 = {shape for (_, dtype, shape) in saved if dtype == torch.float32}
+    assert fp32 == {(2 * 4, 16, 16)}, f"fp32 tensors saved for backward: {sorted(fp32)}"
+    theirs = _Tokens(timm_davit.ChannelAttention(64, 4, qkv_bias=True))
+    a, b = _saved_bytes(ours, x), _saved_bytes(theirs, x)
+    assert a <= b, f"ChannelAttention saves {a} bytes for backward, timm's {b}"
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_davit_saves_no_more_than_timm(autocast):
+    """Module by module no more activations than timm's DaViT. Left out: window attention cores in fp32
+    (on CPU they run the reference path, whose copies the fused CUDA kernel does not make) and, under
+    bf16, all attention (CPU autocast keeps timm's softmax in bf16, CUDA's and ours run it in fp32)."""
+    ours, theirs = DaVit(**SMALL), timm_davit.DaVit(**SMALL)
+    x = torch.randn(1, 3, 112, 112)
+    skip = ".0.attn" if autocast is None else ".attn"  # blocks.{i}.0 is the spatial block in both
+    a, b = _saved_bytes(ours, x, autocast, skip), _saved_bytes(theirs, x, autocast, skip)
+    assert a <= b, f"DaVit saves {a} bytes for backward outside {skip}, timm's DaVit {b} ({autocast})"
 
 
 @pytest.mark.parametrize("size", [(224, 224), (200, 300), (33, 47)])

@@ -10,7 +10,7 @@ from timm.models import focalnet as timm_focalnet
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.backbones.focalnet import FocalNet
 from attnzoo.blocks.focal_modulation import FocalModulation
-from tests.helpers import assert_rel_l2
+from tests.helpers import RecordOps, assert_rel_l2
 from tests.parity import create_from_official, load_fixture, parity_error, save_official_checkpoint
 
 SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
@@ -70,6 +70,15 @@ def test_focal_modulation_gradients_match_reference():
     (dx,) = torch.autograd.grad((m(x) * g).sum(), x)
     (dx_ref,) = torch.autograd.grad((_focal_modulation_reference(x, m) * g).sum(), x)
     assert_rel_l2(dx, dx_ref, name="dx")
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_focal_modulation_gated_sum_has_no_zero_pass(level):
+    """The gated sum of ``level + 1`` terms takes ``level`` adds and no full-map ``0 + term`` pass."""
+    m = FocalModulation(8, focal_level=level)
+    with RecordOps() as rec:
+        m(torch.randn(1, 5, 6, 8))
+    assert rec.ops.count("aten.add") == level and rec.ops.count("aten.mul") == level + 2  # + q * h(ctx_all)
 
 
 def test_focal_modulation_rejects_bad_input():

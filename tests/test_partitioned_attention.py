@@ -347,3 +347,49 @@ def test_auto_rule_prefers_dense_only_for_small_unbiased_unshifted_maps():
     assert prefers(7, 7) and prefers(14, 14)  # DaViT-T stages 4 and 3
     assert not prefers(28, 28) and not prefers(56, 56)  # stages 1-2: the kernel
     assert not prefers(14, 14, rpb=True) and not prefers(14, 14, shift=(3, 3)) and not prefers(13, 14)
+
+
+@pytest.mark.parametrize("mode,rpb,size", [("window", False, (14, 21)), ("window", True, (14, 14)),
+                                           ("grid", True, (21, 14)), ("grid", False, (14, 14))])
+def test_block_dense_route_matches_reference(mode, rpb, size):
+    """The block's dense route (partitions first, as timm) computes what the reference path computes."""
+    blk = PartitionAttention2d(32, head_dim=8, partition_size=7, mode=mode, rel_pos_bias=rpb)
+    x = torch.randn(2, *size, 32)
+    results = []
+    for backend in ("reference", "dense"):
+        set_attention_backend(blk, backend)
+        blk.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = blk(xg)
+        y.square().sum().backward()
+        results.append((y, xg.grad, *(p.grad for p in blk.parameters())))
+    for name, a, b in zip(("out", "dx", *(n for n, _ in blk.named_parameters())), *results):
+        assert_rel_l2(b, a, name=name)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_block_dense_route_keeps_what_timm_keeps(autocast):
+    """On the dense route the layer saves for backward exactly what timm's window partition + attention +
+    reverse saves: it used to run the reference's copies of q, k, v and keep its output copy too."""
+    from timm.models import davit as timm_davit
+
+    from benchmarks.saved_memory import count_step
+
+    class TimmWindows(torch.nn.Module):
+        def __init__(self, attn: torch.nn.Module):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, H, W, C = x.shape
+            windows = timm_davit.window_partition(x, (7, 7)).view(-1, 49, C)
+            return timm_davit.window_reverse(self.attn(windows).view(-1, 7, 7, C), (7, 7), H, W)
+
+    ours = set_attention_backend(PartitionAttention2d(64, num_heads=4, partition_size=7), "dense")
+    theirs = TimmWindows(timm_davit.WindowAttention(64, (7, 7), 4))
+    theirs.attn.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 14, 21, 64)
+    with torch.no_grad():
+        assert_rel_l2(ours(x), theirs(x), name="dense route vs timm")
+    a, b = (count_step(m, x, autocast, count_ops=False).saved_total for m in (ours, theirs))
+    assert a <= b, f"dense route saves {a} bytes for backward, timm's windows {b} ({autocast})"

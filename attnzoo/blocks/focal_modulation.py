@@ -74,9 +74,12 @@ class FocalModulation(nn.Module):
             raise ValueError(f"FocalModulation: x must be [B, H, W, {self.dim}] (NHWC), got {tuple(x.shape)}")
         q, ctx, gates = self.f(x).split([self.dim, self.dim, self.focal_level + 1], dim=-1)
         ctx = _nchw(ctx)  # a strided view of f(x): the first conv saves it without another copy
-        ctx_all = 0
-        for level, focal_layer in enumerate(self.focal_layers):
-            ctx = focal_layer(ctx)
+        # the gated sum starts from its first term (``0 + term`` would be one more full-map pass); not
+        # addcmul: its backward spends two more multiplies than mul + add's
+        ctx = self.focal_layers[0](ctx)
+        ctx_all = _nhwc(ctx) * gates[..., :1]
+        for level in range(1, self.focal_level):
+            ctx = self.focal_layers[level](ctx)
             ctx_all = ctx_all + _nhwc(ctx) * gates[..., level:level + 1]
         ctx_global = self.act(ctx.mean((2, 3), keepdim=True))  # [B, dim, 1, 1]
         ctx_all = ctx_all + _nhwc(ctx_global) * gates[..., self.focal_level:]

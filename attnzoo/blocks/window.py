@@ -3,16 +3,23 @@
 The attention layer of MaxViT (block and grid attention), DaViT (spatial windows) and Swin-style
 models (shifted windows), computed by :func:`attnzoo.kernels.partitioned_attention` straight on the
 feature map: no window partition or reverse copies, and maps of any size (padded, masked).
+
+Where the op would take its dense route (partition copies + SDPA) on a map that needs no padding and no
+shift, the layer runs timm's order instead: partition the input tokens once, both projections and SDPA on
+partition-major tokens, one reverse copy at the end. That copies C channels each way instead of q, k, v
+(3C) and the output, and keeps nothing for backward beyond SDPA's own q, k, v and output.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 from torch import nn
 
-from attnzoo.kernels.partitioned_attention import MODES, partitioned_attention
+from attnzoo.kernels.partitioned_attention import MODES, partitioned_attention, route
+from attnzoo.kernels.partitioned_attention_reference import partition, rpb_bias, unpartition
 
 
 @register_notrace_module  # an FX leaf: shape-dependent padding and kernel dispatch do not trace
@@ -88,12 +95,28 @@ class PartitionAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         rpb = self.relative_position_bias_table
+        if (not any(self.shift_size) and H % self.partition_size[0] == 0 and W % self.partition_size[1] == 0
+                and route(self.attn_backend, x, self.partition_size, self.shift_size, rpb) == "dense"):
+            return self._forward_partitions(x)
+        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         out = partitioned_attention(
             q, k, v, self.partition_size, mode=self.mode, shift=self.shift_size,
             rpb=rpb, scale=self.scale, backend=self.attn_backend)
         return self.proj_drop(self.proj(out.reshape(B, H, W, -1)))
+
+    def _forward_partitions(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense route in timm's order (see the module docstring); maps are partition multiples."""
+        B, H, W, _ = x.shape
+        n = self.partition_size[0] * self.partition_size[1]
+        tokens = partition(x, self.partition_size, self.mode).flatten(0, 1)  # [B * partitions, n, C]
+        qkv = self.qkv(tokens).view(tokens.shape[0], n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B * partitions, heads, n, head_dim]
+        rpb = self.relative_position_bias_table
+        bias = None if rpb is None else rpb_bias(rpb, self.partition_size).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(tokens.shape[0], n, -1)))
+        return unpartition(out.view(B, -1, n, out.shape[-1]), self.partition_size, self.mode, H, W)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, partition_size={self.partition_size}, "

@@ -86,8 +86,7 @@ def partitioned_attention(
     """
     part, shift = _check(q, k, v, partition_size, mode, shift, rpb)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    route = _op.resolve_backend(_OP, backend, q.device, lambda: auto_backend(q, part, shift, rpb))
-    if route != "triton":  # the reference is partition + SDPA, so it is also the dense path
+    if route(backend, q, part, shift, rpb) != "triton":  # the reference (partition + SDPA) is the dense path
         return partitioned_attention_reference(q, k, v, part, mode, shift, rpb, scale)
     _op.check_triton(_OP, q, {"q/k/v": q.shape[-1]}, lo=1, hi=MAX_TRITON_HEAD_DIM)
     if part[0] * part[1] > MAX_TRITON_PARTITION:
@@ -98,6 +97,13 @@ def partitioned_attention(
         return partitioned_attention(*f32, part, mode, shift, None if rpb is None else rpb.float(), scale,
                                      "triton").to(q.dtype)
     return _pa_triton(q, k, v, rpb, part[0], part[1], mode == "grid", shift[0], shift[1], scale)
+
+
+def route(backend: str, x: torch.Tensor, part: tuple[int, int], shift: tuple[int, int],
+          rpb: Optional[torch.Tensor]) -> str:
+    """The path :func:`partitioned_attention` takes for ``backend`` on ``[B, H, W, ...]`` maps shaped and placed
+    like ``x``: ``"triton"``, ``"dense"`` or ``"reference"``."""
+    return _op.resolve_backend(_OP, backend, x.device, lambda: auto_backend(x, part, shift, rpb))
 
 
 DENSE_MAX_PARTITIONS = 4  # partitions per image up to which "auto" prefers the dense path (see auto_backend)
@@ -152,4 +158,4 @@ def _fake_backward(dout, q, k, v, rpb, out, lse, bias, ph, pw, grid, sy, sx, sca
 
 _pa_triton = _op.FusedOp("partitioned_attention", 4, _forward, _backward, _fake_forward, _fake_backward)
 
-__all__ = ["partitioned_attention", "auto_backend", "MODES", "DENSE_MAX_PARTITIONS"]
+__all__ = ["partitioned_attention", "auto_backend", "route", "MODES", "DENSE_MAX_PARTITIONS"]

@@ -1,5 +1,5 @@
 """Pure-PyTorch partitioned attention: the reference every other backend is tested against, and the
-``backend="sdpa"`` path (timm's route: partition copies + PyTorch's fused SDPA).
+``backend="dense"`` path (timm's route: partition copies + PyTorch's fused SDPA).
 
 It materialises what the Triton kernel only indexes: the map is zero-padded to a multiple of the
 partition, cyclically shifted (window mode), cut into partitions, and PyTorch's SDPA runs per partition
@@ -29,7 +29,7 @@ def _row_labels(length: int, padded: int, part: int, shift: int,
     return valid, region
 
 
-def _partition(x: torch.Tensor, part: tuple[int, int], mode: str) -> torch.Tensor:
+def partition(x: torch.Tensor, part: tuple[int, int], mode: str) -> torch.Tensor:
     """[B, Hp, Wp, ...] -> [B, nP, ph*pw, ...]: window mode takes contiguous blocks, grid mode strided groups."""
     B, Hp, Wp = x.shape[:3]
     ph, pw = part
@@ -41,8 +41,8 @@ def _partition(x: torch.Tensor, part: tuple[int, int], mode: str) -> torch.Tenso
     return x.reshape(B, -1, ph * pw, *rest)
 
 
-def _unpartition(x: torch.Tensor, part: tuple[int, int], mode: str, Hp: int, Wp: int) -> torch.Tensor:
-    """Inverse of :func:`_partition`."""
+def unpartition(x: torch.Tensor, part: tuple[int, int], mode: str, Hp: int, Wp: int) -> torch.Tensor:
+    """Inverse of :func:`partition`."""
     B = x.shape[0]
     ph, pw = part
     rest = x.shape[3:]
@@ -66,8 +66,8 @@ def partition_mask(H: int, W: int, part: tuple[int, int], mode: str, shift: tupl
     vc, rc = _row_labels(W, Wp, pw, shift[1], device)
     valid = (vr[:, None] & vc[None, :])[None, :, :, None]
     region = (rr[:, None] * 3 + rc[None, :])[None, :, :, None]
-    valid = _partition(valid, part, mode)[0, ..., 0]  # [nP, N]
-    region = _partition(region, part, mode)[0, ..., 0]
+    valid = partition(valid, part, mode)[0, ..., 0]  # [nP, N]
+    region = partition(region, part, mode)[0, ..., 0]
     return valid[:, None, :] & (region[:, :, None] == region[:, None, :])
 
 
@@ -112,7 +112,7 @@ def partitioned_attention_reference(
             t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
         if any(shift):
             t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        return _partition(t, partition_size, mode).transpose(2, 3)  # [B, nP, heads, N, D]
+        return partition(t, partition_size, mode).transpose(2, 3)  # [B, nP, heads, N, D]
 
     qp, kp, vp = prep(q), prep(k), prep(v)
     bias = None if rpb is None else rpb_bias(rpb, partition_size).to(q.dtype)  # [heads, N, N]
@@ -126,7 +126,7 @@ def partitioned_attention_reference(
                                              scale=scale).view(qp.shape)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)  # [B, nP, heads, N, D]
-    out = _unpartition(out.transpose(2, 3), partition_size, mode, Hp, Wp)
+    out = unpartition(out.transpose(2, 3), partition_size, mode, Hp, Wp)
     if any(shift):
         out = torch.roll(out, shifts=shift, dims=(1, 2))
     return out[:, :H, :W]
