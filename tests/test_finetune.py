@@ -234,6 +234,22 @@ def test_configure_sets_data_size_schedule_and_init(tmp_path: Path) -> None:
     assert seg.model.data_preprocessor.size == (96, 128) and seg.train_dataloader.batch_size == 4
 
 
+def test_scalars_give_curves_and_an_evaluation_without_boxes_counts_as_map_0(tmp_path: Path) -> None:
+    """mmdet's CocoMetric logs no metric when nothing was detected (a short schedule's first evaluations)."""
+    rows = [dict(lr=1e-4, loss=4.0, time=2.0, step=1), dict(lr=1e-4, loss=3.0, time=1.0, step=2),
+            dict(data_time=0.1, time=0.5, step=2),
+            dict(lr=1e-4, loss=2.0, time=1.0, step=3), {"coco/bbox_mAP": 0.25, "coco/segm_mAP": 0.5, "step": 3}]
+    path = tmp_path / "scalars.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = finetune.read_scalars(path, "det")
+    assert (record["bbox_mAP"], record["segm_mAP"], record["no_detections"]) == (0.25, 0.5, [2])
+    assert record["curve"] == dict(iter=[1, 2, 3], loss=[4.0, 3.0, 2.0], val_iter=[2, 3], bbox_mAP=[0.0, 0.25],
+                                   segm_mAP=[0.0, 0.5])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with pytest.raises(RuntimeError, match="an evaluation at step 2 logged none of mIoU"):
+        finetune.read_scalars(path, "seg")
+
+
 def test_runs_and_data_are_never_overwritten(tmp_path: Path, monkeypatch) -> None:
     first = finetune.fresh_folder(tmp_path, "nat_nano")
     (first / "summary.json").write_text("{}")

@@ -285,7 +285,9 @@ def _run(args: argparse.Namespace) -> int:
     for task in args.tasks:
         r = summary[task]
         metrics = ", ".join(f"{k} {r[k]:.3f}" for k in ("bbox_mAP", "segm_mAP", "mIoU") if k in r)
-        print(f"   {task}: {metrics} ({r['wall_s']:.0f} s, {r['img_per_s'] or 0:.1f} img/s)")
+        empty = f"; no box above the score threshold at iteration(s) {r['no_detections']}: mAP 0 there" \
+            if r.get("no_detections") else ""
+        print(f"   {task}: {metrics} ({r['wall_s']:.0f} s, {r['img_per_s'] or 0:.1f} img/s{empty})")
     return 0
 
 

@@ -222,23 +222,34 @@ def train(cfg: Any, task: str) -> dict[str, Any]:
 
 
 def read_scalars(path: str | os.PathLike, task: str) -> dict[str, Any]:
-    """Train-loss and validation-metric curves (by iteration) and the last metrics from mmengine's scalars.json."""
+    """Train-loss and validation-metric curves (by iteration) and the last metrics from mmengine's scalars.json.
+
+    mmdet's CocoMetric logs no metric at all when the detector predicts no box above its score threshold (early
+    in a short schedule): that evaluation counts as mAP 0, and ``no_detections`` lists its iterations.
+    """
     t = TASKS[task]
     curve: dict[str, list[float]] = {"iter": [], "loss": [], "val_iter": [], **{m: [] for m in t.metrics}}
-    times = []
+    times, empty = [], []
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
         if "loss" in row:
             curve["iter"].append(row["step"])
             curve["loss"].append(row["loss"])
             times.append(row.get("time"))
-        elif all(key in row for key in t.metrics.values()):
+        elif "lr" not in row:  # an evaluation
+            found = all(key in row for key in t.metrics.values())
+            if not found and task != "det":
+                raise RuntimeError(f"{path}: an evaluation at step {row['step']} logged none of "
+                                   f"{', '.join(t.metrics.values())}")
             curve["val_iter"].append(row["step"])
+            if not found:
+                empty.append(row["step"])
             for name, key in t.metrics.items():
-                curve[name].append(row[key] * t.metric_scale)
+                curve[name].append(row[key] * t.metric_scale if found else 0.0)
     if not curve["val_iter"]:
-        raise RuntimeError(f"{path}: no validation result was logged ({', '.join(t.metrics.values())})")
-    return dict(**{m: curve[m][-1] for m in t.metrics}, curve=curve, iter_time=[x for x in times if x])
+        raise RuntimeError(f"{path}: no evaluation was logged ({', '.join(t.metrics.values())})")
+    return dict(**{m: curve[m][-1] for m in t.metrics}, curve=curve, no_detections=empty,
+                iter_time=[x for x in times if x])
 
 
 def pretrain_curve(summary_csv: str | os.PathLike) -> dict[str, list[float]]:
