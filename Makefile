@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv dense demo test test-gpu clean-venv
+.PHONY: venv dense fashion-mnist demo finetune test test-gpu clean-venv
 
 venv: $(VENV)/.installed
 
@@ -20,13 +20,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -c "import attnzoo, timm, torch, triton; print('attnzoo', attnzoo.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
 	touch $@
 
-demo: venv
-	@# Fashion-MNIST offline from Debian's dataset-fashion-mnist (MIT); without apt, torchvision downloads it.
+# Fashion-MNIST offline from Debian's dataset-fashion-mnist (MIT); without apt, torchvision downloads it for
+# training (the pasted detection/segmentation sets of `make finetune` need the package).
+fashion-mnist:
 	@if [ ! -f data/FashionMNIST/raw/train-images-idx3-ubyte ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 \
 	    && command -v apt-get >/dev/null; then \
 	  echo "installing dataset-fashion-mnist (apt)"; SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
 	    || echo "apt-get failed: torchvision's downloader will fetch Fashion-MNIST instead"; fi
+
+demo: venv fashion-mnist
 	@# a second `make demo` continues (or, when finished, just re-validates) the run in output/demo
 	$(PY) tools/train.py --config configs/demo/fashion_mnist.yaml --dataset-download \
 	  $$([ -f output/demo/last.pth.tar ] && echo --resume output/demo/last.pth.tar)
@@ -49,6 +52,11 @@ $(VENV)/.dense-installed: $(VENV)/.installed
 	$(PY) -m pip install -q $(MMCV_WHEELS)/mmcv-2.1.0-$$tag-*.whl -e ".[dense]"
 	$(PY) -c "import mmcv, mmdet, mmseg; from mmcv.ops import nms; print('mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__)"
 	touch $@
+
+# Pretraining on Fashion-MNIST, then Mask R-CNN and UPerNet fine-tuned from it (README "Fine-tuning for detection
+# and segmentation"); FINETUNE_ARGS="--model nat_tiny --schedule full" on a GPU.
+finetune: venv dense fashion-mnist
+	$(PY) tools/finetune.py --pretrain-args=--dataset-download $(FINETUNE_ARGS)
 
 test: venv dense
 	$(PY) -m ruff check .

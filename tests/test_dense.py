@@ -29,8 +29,10 @@ if not _MISSING:
     import attnzoo.openmmlab  # noqa: F401  (registers AttnZooBackbone)
     from tools.make_dense_demo_data import CLASSES, main as make_demo_data
 
+# the family configs; configs/mm*/finetune/ holds family configs plus a data/schedule recipe, which
+# tests/test_finetune.py compares with their family config
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("mm*/*/*.py")
-                 if p.parent.name != "_base_")
+                 if p.parent.name not in ("_base_", "finetune"))
 SHALLOW = dict(depths=(1, 1, 1, 1))
 DET_SIZE, SEG_SIZE = (160, 128), (128, 128)  # (W, H) of the resized tiny images
 

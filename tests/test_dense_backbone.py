@@ -1,8 +1,10 @@
 """AttnZooBackbone on its own (mmengine + timm only): levels at odd sizes with each family's dense knobs,
-classification checkpoints through the converters, frozen stages, argument errors."""
+classification checkpoints through the converters, tools/train.py checkpoints (state dict or EMA, refusals naming
+what does not fit), frozen stages, argument errors."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,7 +13,9 @@ import torch
 pytest.importorskip("mmengine", reason="the dense backbone needs mmengine (the 'dense' extra: make test installs it)")
 
 from attnzoo.openmmlab.backbone import AttnZooBackbone  # noqa: E402
+from attnzoo.training.loop import main as train_main  # noqa: E402
 from tests.parity import load_fixture, save_official_checkpoint  # noqa: E402
+from tests.test_train import make_image_folder  # noqa: E402
 
 pytestmark = pytest.mark.dense
 
@@ -136,3 +140,66 @@ def test_bad_arguments_name_what_is_expected(tmp_path) -> None:
     torch.save({"model": {"stem.0.weight": torch.zeros(1)}}, tmp_path / "junk.pth")
     with pytest.raises(RuntimeError):
         bb.load_classification_checkpoint(str(tmp_path / "junk.pth"))
+
+
+@pytest.fixture(scope="module")
+def trained_nat(tmp_path_factory) -> Path:
+    """last.pth.tar of one tools/train.py epoch of a one-block-per-level nat_mini that kept an EMA."""
+    out = tmp_path_factory.mktemp("run")
+    images = make_image_folder(out / "images", classes=2, train=2, val=1)
+    train_main([str(images), "--model", "nat_mini", "--model-kwargs", "{depths: [1, 1, 1, 1]}", "--input-size", "3",
+                "32", "32", "-b", "2", "--epochs", "1", "-j", "0", "--lr", "1e-2", "--warmup-epochs", "0",
+                "--model-ema", "--model-ema-decay", "0.5", "--output", str(out), "--experiment", "run",
+                "--no-progress", "--no-plot"])
+    return out / "run" / "last.pth.tar"
+
+
+def _nat_backbone() -> AttnZooBackbone:
+    return AttnZooBackbone("nat_mini", drop_path_rate=0.0, model_kwargs=SHALLOW)
+
+
+def test_training_checkpoint_gives_its_state_dict_or_its_ema(trained_nat: Path) -> None:
+    """A tools/train.py checkpoint loads the weights tools/validate.py evaluates, its EMA only when asked (timm's
+    file loader took the EMA weights whenever a run kept them)."""
+    state = torch.load(trained_nat, map_location="cpu", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["state_dict_ema"].items()}
+    plain, averaged = _nat_backbone(), _nat_backbone()
+    report = plain.load_classification_checkpoint(str(trained_nat))
+    averaged.load_classification_checkpoint(str(trained_nat), use_ema=True)
+    assert sorted(report["unused"]) == ["head.fc.bias", "head.fc.weight", "norm.bias", "norm.weight"]
+    for key, value in plain.model.state_dict().items():
+        torch.testing.assert_close(value, state["state_dict"][key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(averaged.model.state_dict()[key], ema[key], rtol=0, atol=0, msg=key)
+    key = "levels.0.blocks.0.attn.qkv.weight"
+    assert not torch.equal(state["state_dict"][key], ema[key])  # the run moved away from its average
+
+
+def _resaved(path: Path, tmp_path: Path, **changes) -> str:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state.update(changes)
+    torch.save(state, tmp_path / "changed.pth.tar")
+    return str(tmp_path / "changed.pth.tar")
+
+
+def test_training_checkpoints_of_other_keys_models_or_channels_are_refused(trained_nat: Path, tmp_path) -> None:
+    state = torch.load(trained_nat, map_location="cpu", weights_only=True)
+    sd = state["state_dict"]
+    missing = {k: v for k, v in sd.items() if k != "levels.2.blocks.0.attn.proj.weight"}
+    with pytest.raises(RuntimeError, match=r"init_cfg.checkpoint .* does not fit nat_mini.*Missing key.*"
+                                           r"levels\.2\.blocks\.0\.attn\.proj\.weight"):
+        _nat_backbone().load_classification_checkpoint(_resaved(trained_nat, tmp_path, state_dict=missing))
+    extra = dict(sd, **{"levels.2.blocks.0.attn.extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*levels\.2\.blocks\.0\.attn\.extra"):
+        _nat_backbone().load_classification_checkpoint(_resaved(trained_nat, tmp_path, state_dict=extra))
+    # a DiNAT checkpoint has NAT's keys and shapes: only its recorded arch tells them apart
+    with pytest.raises(ValueError, match="trained as 'dinat_mini', the backbone is 'nat_mini'"):
+        _nat_backbone().load_classification_checkpoint(_resaved(trained_nat, tmp_path, arch="dinat_mini"))
+    gray = dict(state["data_config"], input_size=(1, 32, 32))
+    with pytest.raises(ValueError, match="1-channel input, the backbone takes 3: pretrain with --input-size 3"):
+        _nat_backbone().load_classification_checkpoint(_resaved(trained_nat, tmp_path, data_config=gray))
+    with pytest.raises(ValueError, match="has no EMA weights"):
+        _nat_backbone().load_classification_checkpoint(_resaved(trained_nat, tmp_path, state_dict_ema=None),
+                                                       use_ema=True)
+    official = save_official_checkpoint(load_fixture("nat", "nat_mini"), tmp_path / "nat_mini.pth")
+    with pytest.raises(ValueError, match="init_cfg.use_ema: .* is not a tools/train.py checkpoint"):
+        AttnZooBackbone("nat_mini").load_classification_checkpoint(str(official), use_ema=True)

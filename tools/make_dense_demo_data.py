@@ -115,7 +115,8 @@ def _rle(mask: np.ndarray) -> dict:
     return dict(size=[int(mask.shape[0]), int(mask.shape[1])], counts=[int(c) for c in counts])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Write the sets as ``argv`` asks; returns where the glyphs came from ("fashion-mnist" or "random-glyphs")."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--train", type=int, default=64, help="training images")
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     make_split(args.out, "val", args.val, tuple(args.size), args.max_items, rng, args.allow_random_glyphs,
                start_id=args.train)
     print(f"wrote {args.train}+{args.val} images ({source}) to {args.out}")
+    return source
 
 
 if __name__ == "__main__":

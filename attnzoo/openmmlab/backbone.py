@@ -2,8 +2,9 @@
 
 ``AttnZooBackbone`` builds the timm model, keeps only the levels the neck asks for
 (``prune_intermediate_layers``), returns NCHW maps from ``forward_intermediates`` and adds the per-level
-output norms every official detection/segmentation wrapper adds. Classification checkpoints (official files or timm
-weights) load through the family's converter: ``init_cfg=dict(type="Pretrained", checkpoint=PATH)``.
+output norms every official detection/segmentation wrapper adds. Classification checkpoints (official files, timm
+weights or a ``tools/train.py`` run's) load strictly through the family's converter:
+``init_cfg=dict(type="Pretrained", checkpoint=PATH)``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from torch import nn
 
 import attnzoo
 from attnzoo.backbones._pretrained import check_weights_file, download
-from attnzoo.training.checkpoint import trained_num_classes
+from attnzoo.training.checkpoint import is_training_checkpoint
+from attnzoo.training.data import model_in_chans
 
 
 class AttnZooBackbone(BaseModule):
@@ -36,7 +38,8 @@ class AttnZooBackbone(BaseModule):
         model_kwargs: family knobs for dense use, passed to ``timm.create_model`` (e.g. BiFormer
             ``n_win=16``, DiNAT ``dilations``, Agent ``agent_shapes``).
         init_cfg: ``dict(type="Pretrained", checkpoint=PATH)`` loads a classification checkpoint (the
-            official file as released, or a timm/attnzoo state dict) through the family's converter.
+            official file as released, a timm/attnzoo state dict or a ``tools/train.py`` checkpoint; its EMA
+            weights with ``use_ema=True``) through the family's converter.
     """
 
     def __init__(
@@ -79,24 +82,39 @@ class AttnZooBackbone(BaseModule):
         if cfg.get("type") != "Pretrained":
             super().init_weights()
             return
-        self.load_classification_checkpoint(cfg["checkpoint"])
+        self.load_classification_checkpoint(cfg["checkpoint"], use_ema=cfg.get("use_ema", False))
 
-    def load_classification_checkpoint(self, checkpoint: str) -> dict[str, list[str]]:
+    def load_classification_checkpoint(self, checkpoint: str, use_ema: bool = False) -> dict[str, list[str]]:
         """Load a classification checkpoint through timm's pretrained path (strict, with the family's
         ``checkpoint_filter_fn``).
 
         ``checkpoint`` is a local file, an ``http(s)://`` URL (downloaded to torch's hub cache) or
-        ``hf-hub:ORG/NAME``. Knobs in ``KERNEL_PADDED_KWARGS`` change conv kernel sizes, so the classifier
+        ``hf-hub:ORG/NAME``. A ``tools/train.py`` checkpoint gives its ``state_dict`` (its EMA weights with
+        ``use_ema``, as ``tools/validate.py --use-ema``) with its head size; it must be of this backbone's
+        model and input channels. Knobs in ``KERNEL_PADDED_KWARGS`` change conv kernel sizes, so the classifier
         is built without them and its kernels are centred in the larger dense kernels with zeros around
         (the official FocalNet detection loader's rule). Returns the checkpoint keys left unused (the
         classifier and whatever the pruning removed) and the backbone keys the checkpoint cannot provide
-        (the dense output norms); any other mismatch is an error.
+        (the dense output norms); any other mismatch, a missing or unexpected key included, is an error
+        that names the keys.
         """
         cls_kwargs = {k: v for k, v in self.model_kwargs.items() if k not in KERNEL_PADDED_KWARGS}
         source = _source(checkpoint)
-        if source.get("file") and (num_classes := trained_num_classes(source["file"])):
-            cls_kwargs["num_classes"] = source["num_classes"] = num_classes  # the run's head loads as it is
-        full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=source, **cls_kwargs)
+        run = _training_run(source["file"]) if source.get("file") else None
+        if run is not None:
+            source = self._training_source(run, checkpoint, use_ema)
+            cls_kwargs["num_classes"] = source["num_classes"]  # the run's head loads as it is
+        elif use_ema:
+            raise ValueError(f"init_cfg.use_ema: {checkpoint} is not a tools/train.py checkpoint; official files "
+                             "load the weights they hold (drop use_ema)")
+        try:
+            full = timm.create_model(self.model_name, pretrained=True, pretrained_cfg_overlay=source, **cls_kwargs)
+        except RuntimeError as e:
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            details = " ".join(str(e).split("\n", 1)[-1].split())
+            raise RuntimeError(f"init_cfg.checkpoint {checkpoint} does not fit {self.model_name} "
+                               f"(model_kwargs {cls_kwargs}): {details}") from None
         src = full.state_dict()
         dst = self.model.state_dict()
         for key, value in src.items():
@@ -111,6 +129,28 @@ class AttnZooBackbone(BaseModule):
             f"{self.model_name}: loaded {checkpoint}; unused (pruned head/norm): {report['unused']}; "
             f"initialised here: {report['not_in_checkpoint']}")
         return report
+
+    def _training_source(self, run: dict[str, Any], checkpoint: str, use_ema: bool) -> dict[str, Any]:
+        """``pretrained_cfg_overlay`` that hands timm the weights of a ``tools/train.py`` run, after checking
+        that the run trained this model with this backbone's input channels."""
+        if run.get("arch") != self.model_name:
+            raise ValueError(f"init_cfg.checkpoint {checkpoint} was trained as {run.get('arch')!r}, the backbone "
+                             f"is {self.model_name!r}: set model_name={run.get('arch')!r} or pass that model's "
+                             "checkpoint")
+        input_size = tuple(run["data_config"]["input_size"])
+        in_chans = model_in_chans(self.model)
+        if input_size[0] != in_chans:
+            raise ValueError(
+                f"init_cfg.checkpoint {checkpoint} was trained on {input_size[0]}-channel input, the backbone takes "
+                f"{in_chans}: pretrain with --input-size {in_chans} H W (grayscale repeated to {in_chans} channels "
+                f"is fine), or set model_kwargs=dict(in_chans={input_size[0]}) and load images with as many "
+                "channels")
+        key = "state_dict_ema" if use_ema else "state_dict"
+        if run.get(key) is None:
+            raise ValueError(f"init_cfg.use_ema: {checkpoint} has no EMA weights (trained without --model-ema)")
+        state_dict = {k.removeprefix("module."): v for k, v in run[key].items()}  # ModelEmaV3 keeps "module."
+        return dict(state_dict=state_dict, file=None, hf_hub_id=None, url=None, num_classes=run["num_classes"],
+                    input_size=input_size)
 
     def _freeze(self) -> None:
         """Freeze the stem and the first ``frozen_stages`` levels.
@@ -164,6 +204,15 @@ def _source(checkpoint: str) -> dict[str, Any]:
                                 "or hf-hub:ORG/NAME)")
     check_weights_file(checkpoint, "init_cfg.checkpoint")
     return dict(file=checkpoint, hf_hub_id=None, url=None)
+
+
+def _training_run(path: str) -> dict[str, Any] | None:
+    """The content of a ``tools/train.py`` checkpoint file, None for any other file (timm's loader reads those)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read when used
+    except Exception:  # legacy-format, safetensors or foreign files
+        return None
+    return state if is_training_checkpoint(state) else None
 
 
 def _center_kernel(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
