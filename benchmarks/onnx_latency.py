@@ -11,6 +11,7 @@ Writes ``benchmarks/results/onnx_latency.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Report
+from benchmarks.harness import RESULTS_DIR, Report
 
 T_VARIANTS = ["nat_tiny", "dinat_tiny", "dinat_s_tiny", "biformer_tiny", "maxvit_t", "davit_t", "focalnet_t_srf",
               "agent_swin_t", "agent_pvt_t", "agent_deit_t"]
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime and PyTorch intra-op threads")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--notes", default="", help="appended to the report's notes (e.g. machine load)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the committed rows of models not measured now (each row carries its date)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime
@@ -72,11 +75,17 @@ def main(argv: list[str] | None = None) -> Path:
              f"{args.threads} intra-op threads vs PyTorch eager with {args.threads} threads; median of "
              f"{args.reps} runs; random weights; export opset 18 via attnzoo.export. {args.notes}").strip()
     report = Report("onnx_latency", "ONNX Runtime CPU latency, batch 1 (T variants and timm baselines)",
-                    columns=["model", "source", "params_m", "ort_ms", "torch_eager_ms", "rel_l2", "export_s"],
-                    notes=notes)
+                    columns=["model", "source", "params_m", "ort_ms", "torch_eager_ms", "rel_l2", "export_s",
+                             "measured"], notes=notes)
+    names = args.models.split(",")
+    if args.append and (RESULTS_DIR / "onnx_latency.json").exists():
+        old = json.loads((RESULTS_DIR / "onnx_latency.json").read_text())
+        for row in old["rows"]:
+            if row["model"] not in names:
+                report.add(**{"measured": old["env"]["date"], **row})
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            row = report.add(**measure(name, args.threads, args.reps, Path(tmp)))
+        for name in names:
+            row = report.add(**measure(name, args.threads, args.reps, Path(tmp)), measured=report.env["date"])
             print(row, flush=True)
             js, _ = report.save()  # after every model: a long run keeps what it measured
     return js
