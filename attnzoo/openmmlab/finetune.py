@@ -27,6 +27,7 @@ from timm.models import model_entrypoint
 
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.training.errors import UsageError
+from attnzoo.training.metrics import save_figure
 
 
 @dataclass(frozen=True)
@@ -300,12 +301,7 @@ def plot_run(summary: dict[str, Any], png_path: str | os.PathLike) -> Path:
     init = "from scratch" if summary.get("init") == "scratch" else f"from {summary.get('init')}"
     fig.suptitle(f"{summary.get('model')} ({init})")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def fresh_folder(output: str | os.PathLike, name: str) -> Path:

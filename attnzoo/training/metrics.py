@@ -57,11 +57,19 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, title:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, png_path)
+
+
+def save_figure(fig: Any, png_path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``png_path`` atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png_path)
+    return png_path
 
 
 def tensorboard_writer(log_dir: str | os.PathLike) -> Any:
