@@ -134,6 +134,17 @@ def prepare(case: Case, batch: int, img_size: int, device: torch.device, channel
     return Prepared(case, infer, train_step, model, infer_ro)
 
 
+def dynamo_limits(graphs: int) -> contextlib.AbstractContextManager:
+    """Room for ``graphs`` compiled graphs per code object, and an error instead of a silent eager fallback.
+
+    Every compiled model of one process enters Dynamo through the same code object, and each needs up to
+    three graphs (training, inference, CUDA-graph inference); past ``recompile_limit`` (8) Dynamo runs the
+    frame uncompiled without failing, which would time eager code under a "compiled" label.
+    """
+    limit = max(torch._dynamo.config.recompile_limit, graphs + 8)
+    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+
+
 def _row(p: Prepared, batch: int, peak: float | None) -> dict:
     """Median img/s over the repeats, with the spread ((max - min) / median) of each measurement."""
     def stats(ms: list[float]) -> tuple[float, float]:
@@ -178,30 +189,33 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
                           "step times; train = forward + backward + AdamW step; backend = attnzoo kernel path "
                           "(auto: Triton on CUDA), timm models run their own code; compiled = torch.compile "
                           "(default mode; infer_reduce_overhead: inference under mode='reduce-overhead', CUDA graphs).")
-    prepared, failed = [], []
-    for c in todo:
-        if c.model not in known:
-            failed.append(dict(family=c.family, model=c.model, backend=c.backend, error="not registered"))
-            continue
-        try:
-            prepared.append(prepare(c, batch, img_size, device))
-        except Exception as e:  # noqa: BLE001 (one failing model must not end the whole run)
-            failed.append(_error_row(c, e))
-    for r in tqdm(range(repeats), desc="repeats"):
-        for p in (list(prepared) if r % 2 == 0 else prepared[::-1]):
+    prepared, failed, peaks = [], [], {}
+    with dynamo_limits(sum(2 + c.reduce_overhead for c in todo if c.compile)):
+        for c in todo:
+            if c.model not in known:
+                failed.append(dict(family=c.family, model=c.model, backend=c.backend, error="not registered"))
+                continue
             try:
-                p.infer_ms.append(time_ms(p.infer, warmup=100, rep=rep_ms[0]))
-                p.train_ms.append(time_ms(p.train_step, warmup=200, rep=rep_ms[1]))
-                if p.infer_ro is not None:
-                    p.infer_ro_ms.append(time_ms(p.infer_ro, warmup=100, rep=rep_ms[0]))
-            except Exception as e:  # noqa: BLE001
-                failed.append(_error_row(p.case, e))
-                prepared.remove(p)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                prepared.append(prepare(c, batch, img_size, device))
+            except Exception as e:  # noqa: BLE001 (one failing model must not end the whole run)
+                failed.append(_error_row(c, e))
+        for r in tqdm(range(repeats), desc="repeats"):
+            for p in (list(prepared) if r % 2 == 0 else prepared[::-1]):
+                try:
+                    p.infer_ms.append(time_ms(p.infer, warmup=100, rep=rep_ms[0]))
+                    p.train_ms.append(time_ms(p.train_step, warmup=200, rep=rep_ms[1]))
+                    if p.infer_ro is not None:
+                        p.infer_ro_ms.append(time_ms(p.infer_ro, warmup=100, rep=rep_ms[0]))
+                except Exception as e:  # noqa: BLE001
+                    failed.append(_error_row(p.case, e))
+                    prepared.remove(p)
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        for p in prepared:
+            peaks[id(p)] = peak_memory_mib(p.train_step)
     for p in prepared:
-        row = _row(p, batch, peak_memory_mib(p.train_step))
+        row = _row(p, batch, peaks[id(p)])
         row["source"] = "attnzoo" if p.case.model in attnzoo.list_models() else "timm"
         report.add(**row)
         tqdm.write(str({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))

@@ -49,3 +49,27 @@ def test_saved_memory_compares_a_pair(tmp_path, capsys):
     assert (tmp_path / "saved_memory.json").exists()
     with pytest.raises(SystemExit):
         saved_memory.main(["davit_t"])  # not a pair
+
+
+def test_models_compiles_every_case_or_fails():
+    """benchmarks.models compiles many models in one process, all through one Dynamo code object. Past the
+    default recompile_limit (8) Dynamo silently ran the rest eagerly: a "compiled" row that timed eager code
+    (seen on the GPU: 3 models x 3 graphs). Inside ``dynamo_limits`` every graph compiles, and running past
+    the limit is an error, not a fallback."""
+    import torch._dynamo.testing
+
+    from benchmarks.models import dynamo_limits
+
+    x = torch.randn(2, 4)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 4 + i), torch.nn.GELU()) for i in range(10)]
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    with dynamo_limits(len(models)):
+        for m in models:
+            torch.compile(m, backend=counter)(x)
+    assert counter.frame_count == len(models)
+    torch._dynamo.reset()
+    with dynamo_limits(0), pytest.raises(Exception, match="recompile_limit"):
+        for i in range(20):
+            torch.compile(torch.nn.Linear(4, 4 + i), backend="eager")(x)
+    torch._dynamo.reset()
