@@ -257,6 +257,15 @@ def test_fashion_mnist_from_the_debian_package_layout(tmp_path, monkeypatch):
         data_mod.prepare_fashion_mnist(tmp_path / "empty")
 
 
+def test_fashion_mnist_dir_from_the_environment(tmp_path):
+    """ATTNZOO_FASHION_MNIST_DIR replaces the Debian package's folder for pretraining and the pasted sets alike."""
+    code = ("from attnzoo.training import data; from tools import make_dense_demo_data as m; "
+            "print(data.FASHION_MNIST_SYSTEM_DIR, m.FASHION_MNIST_DIR)")
+    env = dict(os.environ, ATTNZOO_FASHION_MNIST_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(tmp_path)] * 2
+
+
 _DDP_WORKER = textwrap.dedent("""
     import os, sys, torch
     from attnzoo.training.loop import main

@@ -11,20 +11,25 @@ Layout under ``OUT``::
     seg/images/{train,val}/000000.png       seg/annotations/{train,val}/000000.png       (0 = background,
                                                                                           k + 1 = class k)
 
-Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` (as the classification demo); with
-``--allow-random-glyphs`` a machine without it gets random blob glyphs instead (the tests do this and say so).
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` or ``$ATTNZOO_FASHION_MNIST_DIR`` (as the
+classification demo); with ``--allow-random-glyphs`` a machine without it gets random blob glyphs instead (the
+tests do this and say so).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from attnzoo.training.data import FASHION_MNIST_SYSTEM_DIR as FASHION_MNIST_DIR  # noqa: E402
+
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
 FOREGROUND = 32  # glyph pixels above this grey level belong to the item

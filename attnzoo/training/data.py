@@ -17,8 +17,9 @@ from torch import nn
 
 from attnzoo.training.errors import UsageError
 
-# Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's `dataset-fashion-mnist` package puts the four IDX files (.gz); ATTNZOO_FASHION_MNIST_DIR names
+# another folder holding the same files (a machine without the package).
+FASHION_MNIST_SYSTEM_DIR = Path(os.environ.get("ATTNZOO_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
