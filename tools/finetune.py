@@ -37,9 +37,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU, a few minutes: the whole path and the losses going down, far from converged
     "toy": dict(pretrain_epochs=1, train_images=64, val_images=16, det_epochs=1, seg_iters=20, batch_size=2,
                 workers=1, log_interval=2),
-    # one GPU: the schedule of the shipped configs/mm*/finetune configs (benchmarks/finetune.py runs it)
-    "full": dict(pretrain_epochs=10, train_images=1024, val_images=128, det_epochs=12, seg_iters=2000,
-                 batch_size=8, workers=8, log_interval=10),
+    # one GPU: the schedule of the shipped configs/mm*/finetune configs (benchmarks/finetune.py runs it), short
+    # enough for each fine-tuning to take minutes and for the benchmark's six runs to share two GPUs
+    "full": dict(pretrain_epochs=3, train_images=1024, val_images=128, det_epochs=4, seg_iters=1000,
+                 batch_size=8, workers=4, log_interval=10),
 }
 DATA_META = "finetune_data.json"  # what make_dense_demo_data.py was asked for, written next to the sets
 
@@ -243,7 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = dict(
         model=args.model, init=init, schedule=args.schedule, seed=args.seed, image_size=list(args.image_size),
         batch_size=args.batch_size, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        versions=_versions(), command=" ".join(shlex.quote(_portable(a)) for a in sys.argv),
+        versions=library_versions(), command=" ".join(shlex.quote(_portable(a)) for a in sys.argv),
         args=dict(vars(args)))
     summary_path, png_path = run_dir / "summary.json", run_dir / "curves.png"
 
@@ -291,15 +292,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str | None]:
+    """Python and the versions of the libraries a run depends on (None: not installed)."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
     for pkg in ("torch", "timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "attnzoo"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
+        out[pkg] = None
+        for dist in (pkg, "mmcv-lite") if pkg == "mmcv" else (pkg,):  # mmcv-lite: mmcv built without its ops
+            try:
+                out[pkg] = md.version(dist) + ("" if dist == pkg else f" ({dist})")
+                break
+            except md.PackageNotFoundError:
+                pass
     return out
 
 

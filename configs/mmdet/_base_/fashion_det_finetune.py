@@ -10,7 +10,7 @@ def _fashion_det():
                'Ankle boot')
     data_root = 'data/fashion_dense/det/'
     height, width = 160, 192  # the canvases make_dense_demo_data.py writes by default
-    max_epochs = 12
+    max_epochs = 4
 
     load = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
             dict(type='Resize', scale=(width, height), keep_ratio=True)]

@@ -11,7 +11,7 @@ def _fashion_seg():
                'Ankle boot')
     data_root = 'data/fashion_dense/seg/'
     crop_size = (160, 192)  # (H, W): the canvases make_dense_demo_data.py writes by default
-    max_iters = 2000
+    max_iters = 1000
 
     train_pipeline = [
         dict(type='LoadImageFromFile'),
