@@ -81,23 +81,33 @@ def run_all(runs: list[Run], work_dir: Path, extra: list[str], gpus: int, per_gp
     queue = sorted(runs, key=lambda r: r.scratch)  # pretrained first: they pretrain, so they take longer
     busy: dict[int, list[Run]] = {g: [] for g in range(max(gpus, 1))}
     while queue or any(busy.values()):
-        for g, active in busy.items():
+        for active in busy.values():
             for run in [r for r in active if r.proc.poll() is not None]:
                 active.remove(run)
                 run.file.close()
                 print(f"== {run.name} ended (exit {run.proc.returncode}) after {time.monotonic() - run.started:.0f} s"
                       f"{'; ' + run.stopped if run.stopped else ''}; log {run.log}", flush=True)
-            while queue and len(active) < per_gpu:
-                run = queue.pop(0)
-                _start(run, work_dir, extra, g if gpus else None)
-                active.append(run)
+        while queue and min(len(a) for a in busy.values()) < per_gpu:  # the least busy GPU takes the next run
+            g = min(busy, key=lambda i: len(busy[i]))
+            run = queue.pop(0)
+            _start(run, work_dir, extra, g if gpus else None)
+            busy[g].append(run)
+        for active in busy.values():
             for run in active:
                 if timeout and not run.stopped and time.monotonic() - run.started > timeout:
                     run.stopped = f"stopped by --run-timeout {timeout:.0f} s"
-                    os.killpg(run.proc.pid, signal.SIGTERM)  # the run and its data-loading workers
+                    _kill(run, signal.SIGTERM)
                 elif run.stopped and time.monotonic() - run.started > timeout + 30:
-                    os.killpg(run.proc.pid, signal.SIGKILL)
+                    _kill(run, signal.SIGKILL)
         time.sleep(1.0)
+
+
+def _kill(run: Run, sig: int) -> None:
+    """Signal the run and its data-loading workers (its own session)."""
+    try:
+        os.killpg(run.proc.pid, sig)
+    except ProcessLookupError:  # ended meanwhile
+        pass
 
 
 def _start(run: Run, work_dir: Path, extra: list[str], gpu: int | None) -> None:

@@ -73,3 +73,33 @@ def test_models_compiles_every_case_or_fails():
         for i in range(20):
             torch.compile(torch.nn.Linear(4, 4 + i), backend="eager")(x)
     torch._dynamo.reset()
+
+
+def test_finetune_runs_spread_over_gpus_and_time_out(tmp_path, monkeypatch):
+    """benchmarks.finetune.run_all: pretrained runs first, each to the least busy GPU, at most K a GPU; a run over
+    --run-timeout is stopped (with its process group) and says so."""
+    from benchmarks import finetune as bench
+
+    started: list[tuple[str, int | None, int]] = []
+
+    def fake_start(run, work_dir, extra, gpu):  # a process that sleeps instead of tools/finetune.py
+        seconds = 30 if run.model == "slow" else 0.2
+        run.gpu, run.log = gpu, work_dir / f"{run.name}.log"
+        run.file = open(run.log, "w")
+        run.started = bench.time.monotonic()
+        run.proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                                    start_new_session=True)
+        started.append((run.name, gpu, sum(1 for r in runs if r.proc is not None and r.proc.poll() is None)))
+
+    monkeypatch.setattr(bench, "_start", fake_start)
+    runs = [bench.Run(m, s) for m in ("a", "b", "c") for s in (False, True)]
+    bench.run_all(runs, tmp_path, [], gpus=2, per_gpu=2, timeout=None)
+    assert [(name, gpu) for name, gpu, _ in started[:4]] == [("a-pretrained", 0), ("b-pretrained", 1),
+                                                              ("c-pretrained", 0), ("a-scratch", 1)]
+    assert max(n for *_, n in started) <= 4 and all(r.proc.returncode == 0 for r in runs)
+
+    slow = [bench.Run("slow", False)]
+    t0 = bench.time.monotonic()
+    bench.run_all(slow, tmp_path, [], gpus=0, per_gpu=1, timeout=1.0)
+    assert bench.time.monotonic() - t0 < 10 and slow[0].proc.returncode == -15
+    assert bench.result(slow[0], tmp_path)["error"] == "stopped by --run-timeout 1 s"
