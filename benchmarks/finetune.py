@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+import yaml
 
 from benchmarks.harness import RESULTS_DIR, Report
 
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> Report:
     if args.run_timeout is not None and args.run_timeout <= 0:
         p.error(f"--run-timeout {args.run_timeout}: expected a positive number of seconds")
     from attnzoo.openmmlab.finetune import fresh_folder
+    from attnzoo.training.data import prepare_fashion_mnist
     from tools.finetune import parse_args as finetune_args
     from tools.finetune import prepare_data
 
@@ -229,10 +231,13 @@ def main(argv: list[str] | None = None) -> Report:
         for r in old["rows"]:
             if r["model"] not in models:
                 report.add(**{"measured": old["env"]["date"], **r})
-    # the pasted sets once, before any run: parallel runs would each write them
+    runs = [Run(model, scratch) for model in models for scratch in (False, True)]
+    # the pasted sets and the pretraining's Fashion-MNIST files once, before any run: parallel runs would each
+    # write them into the same folders
     data = finetune_args(["--model", models[0], "--data-dir", str(work_dir / "data"), *extra])
     print(f"== pasted sets in {data.data_dir}: {prepare_data(data)}", flush=True)
-    runs = [Run(model, scratch) for model in models for scratch in (False, True)]
+    recipe = yaml.safe_load((REPO / "configs" / "demo" / "fashion_mnist.yaml").read_text())  # data_dir: from REPO
+    print(f"== Fashion-MNIST for pretraining in {prepare_fashion_mnist(REPO / recipe['data_dir'])}", flush=True)
     t0 = time.monotonic()
     run_all(runs, work_dir, extra, gpus, per_gpu, args.run_timeout)
     report.env["benchmark wall s"] = round(time.monotonic() - t0)
