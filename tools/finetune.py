@@ -35,12 +35,13 @@ from attnzoo.training.errors import UsageError  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, a few minutes: the whole path and the losses going down, far from converged
-    "toy": dict(pretrain_epochs=1, train_images=64, val_images=16, det_epochs=1, seg_iters=20, batch_size=2,
-                workers=1, log_interval=2),
+    "toy": dict(pretrain_epochs=1, pretrain_batch_size=128, train_images=64, val_images=16, det_epochs=1,
+                seg_iters=20, batch_size=2, workers=1, log_interval=2),
     # one GPU: the schedule of the shipped configs/mm*/finetune configs (benchmarks/finetune.py runs it), short
-    # enough for each fine-tuning to take minutes and for the benchmark's six runs to share two GPUs
-    "full": dict(pretrain_epochs=3, train_images=1024, val_images=128, det_epochs=4, seg_iters=1000,
-                 batch_size=8, workers=4, log_interval=10),
+    # enough for each fine-tuning to take minutes and for the benchmark's six runs to share two GPUs; pretraining
+    # batches of 512 28px images (4x the demo recipe's, at its learning rate) keep a GPU busy
+    "full": dict(pretrain_epochs=3, pretrain_batch_size=512, train_images=1024, val_images=128, det_epochs=4,
+                 seg_iters=1000, batch_size=8, workers=4, log_interval=10),
 }
 DATA_META = "finetune_data.json"  # what make_dense_demo_data.py was asked for, written next to the sets
 
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timm create_model kwargs (YAML) for pretraining and the dense backbone alike")
     g = p.add_argument_group("schedule (defaults from --schedule)")
     g.add_argument("--pretrain-epochs", type=int, help="Fashion-MNIST epochs" + preset("pretrain_epochs"))
+    g.add_argument("--pretrain-batch-size", type=int, help="pretraining batch" + preset("pretrain_batch_size"))
     g.add_argument("--pretrain-size", type=int, default=28, help="pretraining image side (28, Fashion-MNIST's)")
     g.add_argument("--pretrain-args", default="", metavar="'FLAGS'",
                    help="more tools/train.py flags in one string, e.g. --pretrain-args='--dataset-download'")
@@ -164,7 +166,8 @@ def pretrain(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
     s = str(args.pretrain_size)
     argv = ["--config", str(ROOT / "configs" / "demo" / "fashion_mnist.yaml"), "--model", args.model,
-            "--input-size", "3", s, s, "--epochs", str(args.pretrain_epochs), "--seed", str(args.seed),
+            "--input-size", "3", s, s, "--epochs", str(args.pretrain_epochs), "-b", str(args.pretrain_batch_size),
+            "--seed", str(args.seed),
             "-j", str(args.workers), "--output", str(run_dir), "--experiment", "pretrain"]
     argv += ["--device", args.device] + (["--amp"] if args.amp else [])
     if args.model_kwargs:
