@@ -49,7 +49,8 @@ TARGETS = dict(bbox_mAP=0.5, segm_mAP=0.4, mIoU=0.6, minutes=5.0)
 QUICK = ["--schedule", "toy", "--train-images", "8", "--val-images", "4", "--image-size", "64", "96",
          "--det-epochs", "1", "--seg-iters", "4", "--workers", "1"]
 COLUMNS = ["model", "init", "bbox mAP", "segm mAP", "mIoU", "det s", "det img/s", "det peak MiB", "seg s",
-           "seg img/s", "seg peak MiB", "pretrain s", "pretrain top-1", "run s", "GPU", "targets", "measured"]
+           "seg img/s", "seg peak MiB", "pretrain s", "pretrain top-1", "run s", "GPU", "schedule", "targets",
+           "measured"]
 
 
 @dataclass
@@ -145,7 +146,17 @@ def row(summary: dict[str, Any]) -> dict[str, Any]:
             "det img/s": det.get("img_per_s"), "det peak MiB": det.get("peak_memory_mib"), "seg s": seg.get("wall_s"),
             "seg img/s": seg.get("img_per_s"), "seg peak MiB": seg.get("peak_memory_mib"),
             "pretrain s": pre.get("wall_s"), "pretrain top-1": pre.get("top1"), "run s": summary.get("wall_s"),
-            "GPU": summary.get("gpu"), "targets": summary.get("error") and f"error: {summary['error']}"}
+            "GPU": summary.get("gpu"), "schedule": schedule(summary.get("args")),
+            "targets": summary.get("error") and f"error: {summary['error']}"}
+
+
+def schedule(args: dict[str, Any] | None) -> str | None:
+    """A run's schedule in a few words (rows appended from other invocations may differ)."""
+    if not args:
+        return None
+    return (f"pretrain {args['pretrain_epochs']} ep b{args['pretrain_batch_size']}, det {args['det_epochs']} ep, "
+            f"seg {args['seg_iters']} it, b{args['batch_size']}, {args['train_images']} img"
+            + (", amp" if args.get("amp") else ""))
 
 
 def targets(pretrained: dict[str, Any], scratch: dict[str, Any]) -> str:
