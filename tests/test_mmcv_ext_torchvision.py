@@ -15,7 +15,8 @@ try:
     # the modules (mmcv.ops re-exports functions of the same names)
     mmcv_nms = importlib.import_module("mmcv.ops.nms")
     mmcv_roi_align = importlib.import_module("mmcv.ops.roi_align")
-    _MISSING = ""
+    # where the stand-in is installed as mmcv._ext there is nothing compiled to compare with
+    _MISSING = "" if not compiled.__file__.endswith(".py") else f"mmcv._ext is not compiled ({compiled.__file__})"
 except ImportError as e:
     _MISSING = f"needs torchvision and mmcv with compiled ops ({e}); `make test` installs the 'dense' extra"
 
