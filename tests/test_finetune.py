@@ -264,3 +264,29 @@ def test_runs_and_data_are_never_overwritten(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(SystemExit):
         finetune_cli.parse_args(["--from-scratch", "--checkpoint", "x.pth"])
     assert os.listdir(data) == [finetune_cli.DATA_META]
+
+
+@pytest.mark.parametrize("schedule, extra, expected", [
+    ("toy", "", dict(lr=2.5e-3, warmup_epochs=0, clip_grad=None, batch_size=128)),
+    ("full", "", dict(lr=1e-3, warmup_epochs=1, clip_grad=1.0, batch_size=512)),
+    ("full", "--lr 3e-4", dict(lr=3e-4, warmup_epochs=1, clip_grad=1.0, batch_size=512)),
+])
+def test_pretraining_recipe_per_schedule(schedule: str, extra: str, expected: dict, tmp_path: Path,
+                                         monkeypatch) -> None:
+    """The "full" pretraining runs at batch 512 with a lower rate, a warm-up epoch and clipping (the demo's 2.5e-3
+    from the first step sent nat_tiny to chance accuracy on an H200); --pretrain-args still overrides it."""
+    import attnzoo.training.loop as loop
+    from attnzoo.training.args import parse_with_config, train_parser
+
+    seen = {}
+
+    def fake_train(argv):
+        seen.update(vars(parse_with_config(train_parser(), argv)))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(loop, "main", fake_train)
+    args = finetune_cli.parse_args(["--model", "nat_nano", "--schedule", schedule, "--device", "cpu",
+                                    "--pretrain-args", extra])
+    with pytest.raises(KeyboardInterrupt):
+        finetune_cli.pretrain(args, tmp_path)
+    assert {k: seen[k] for k in expected} == expected

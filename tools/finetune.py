@@ -39,9 +39,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                 seg_iters=20, batch_size=2, workers=1, log_interval=2),
     # one GPU: the schedule of the shipped configs/mm*/finetune configs (benchmarks/finetune.py runs it), short
     # enough for each fine-tuning to take minutes and for the benchmark's six runs to share two GPUs; pretraining
-    # batches of 512 28px images (4x the demo recipe's, at its learning rate) keep a GPU busy
+    # batches of 512 28px images (4x the demo recipe's; PRETRAIN_FLAGS) keep a GPU busy
     "full": dict(pretrain_epochs=3, pretrain_batch_size=512, train_images=1024, val_images=128, det_epochs=4,
                  seg_iters=1000, batch_size=8, workers=4, log_interval=10),
+}
+# tools/train.py flags of each preset's pretraining, ahead of --pretrain-args (which can override them). The
+# demo recipe's rate (2.5e-3 from the first step) is for nat_nano at batch 128; with batches of 512 it sent
+# nat_tiny to chance accuracy in the second epoch on an H200 (benchmarks/NOTES_finetune.md), so "full" takes
+# a lower rate, a warm-up epoch and gradient-norm clipping.
+PRETRAIN_FLAGS: dict[str, list[str]] = {
+    "toy": [],
+    "full": ["--lr", "1e-3", "--warmup-epochs", "1", "--clip-grad", "1.0"],
 }
 DATA_META = "finetune_data.json"  # what make_dense_demo_data.py was asked for, written next to the sets
 
@@ -172,7 +180,7 @@ def pretrain(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     argv += ["--device", args.device] + (["--amp"] if args.amp else [])
     if args.model_kwargs:
         argv += ["--model-kwargs", yaml.safe_dump(args.model_kwargs, default_flow_style=True).strip()]
-    argv += shlex.split(args.pretrain_args)
+    argv += PRETRAIN_FLAGS[args.schedule] + shlex.split(args.pretrain_args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
