@@ -51,3 +51,13 @@ class RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def dense_stack_missing() -> str:
+    """Why mmdet/mmseg cannot be imported ('' when they can): the dense tests skip visibly with it."""
+    try:  # the whole stack, as the 'dense' extra installs it
+        import mmdet.registry  # noqa: F401
+        import mmseg.registry  # noqa: F401
+    except ImportError as e:  # mmcv without compiled ops also lands here
+        return f"mmdet/mmseg not importable ({e}); `make test` installs the 'dense' extra"
+    return ""

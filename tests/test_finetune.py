@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import dense_stack_missing
+
 REPO = Path(__file__).resolve().parents[1]
-try:  # the whole stack, as the 'dense' extra installs it; skip visibly when it is not there
-    import mmdet.registry  # noqa: F401
-    import mmseg.registry  # noqa: F401
-    _MISSING = ""
-except ImportError as e:  # mmcv without compiled ops also lands here
-    _MISSING = f"mmdet/mmseg not importable ({e}); `make test` installs the 'dense' extra"
+_MISSING = dense_stack_missing()
 
 pytestmark = [pytest.mark.dense, pytest.mark.skipif(bool(_MISSING), reason=_MISSING)]
 
