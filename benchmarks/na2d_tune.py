@@ -244,13 +244,19 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
 
     qg = q.detach().requires_grad_()
     pieces = {
-        "launch fwd kernel": lambda: T._na2d_fwd_kernel[p_fwd.grid](
+        "launch fwd kernel, JIT": lambda: T._na2d_fwd_kernel[p_fwd.grid](
             q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4],
             rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
-        "launch dq kernel": lambda: T._na2d_bwd_dq_kernel[p_dq.grid](
+        "launch dq kernel, JIT": lambda: T._na2d_bwd_dq_kernel[p_dq.grid](
             q, kk, v, rpb, out, dout, lse, delta, dq, partial, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
-        "launch dkdv kernel": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid](
+        "launch dkdv kernel, JIT": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid](
             q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
+        "launch fwd kernel, Launcher (cached)": lambda: T._FWD(
+            p_fwd.grid, q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4],
+            *out.stride()[:4], rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
+        "launch dq kernel, Launcher (cached)": lambda: T._DQ(
+            p_dq.grid, q, kk, v, rpb, out, dout, lse, delta, dq, partial, *strides, H, W, scale * T.LOG2E, scale,
+            **p_dq.meta),
         "na2d_forward (host fn)": lambda: T.na2d_forward(q, kk, v, rpb, ks, dil, scale),
         "na2d_backward (host fn)": lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, ks, dil, scale, True),
         "empty autograd.Function fwd+bwd": lambda: torch.autograd.grad(Empty.apply(qg, kk, v, rpb), (qg,), dout),

@@ -156,9 +156,10 @@ class _CountLaunches:
 def test_na2d_launches_one_forward_and_two_backward_kernels(monkeypatch, rpb_grad):
     from attnzoo.kernels import na2d_triton
 
-    launches = {name: [] for name in ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel")}
+    launches = {name: [] for name in ("_FWD", "_DQ", "_DKDV")}  # each kernel's Launcher
     for name, counts in launches.items():
-        monkeypatch.setattr(na2d_triton, name, _CountLaunches(getattr(na2d_triton, name), counts))
+        launcher = getattr(na2d_triton, name)
+        monkeypatch.setattr(launcher, "fn", _CountLaunches(launcher.fn, counts))
     q, k, v = _qkv((1, 9, 10, 2, 16), requires_grad=True)
     rpb = torch.randn(2, 5, 5, requires_grad=rpb_grad)
     na2d(q, k, v, 3, 2, rpb, backend="triton").sum().backward()
@@ -184,3 +185,60 @@ def test_backward_ops_match_their_fake_kernels(op):
     out, *aux = fused.fwd_op(*tensors, *config)
     args = (torch.randn_like(out), *tensors, out, *aux, *config, [True, True, True, op != "bra"])
     torch.library.opcheck(fused.bwd_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+class _FakeCompiledKernel:
+    """Stands in for Triton's CompiledKernel: ``kernel[grid](*every_parameter)`` launches directly."""
+
+    function = None
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+
+class _FakeJitFunction:
+    """Stands in for a JITFunction: every ``fn[grid](*args, **meta)`` binds, 'compiles' and launches."""
+
+    def __init__(self):
+        def kernel(X, n, scale, BLOCK, FLAG=True):  # the last two stand for constexprs
+            pass
+
+        self.fn, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("jit", grid, args, meta))
+            return _FakeCompiledKernel(self.calls)
+        return run
+
+
+def test_launcher_reuses_a_compiled_kernel_only_for_the_same_specialization(monkeypatch):
+    """The second call of a specialization skips the JIT and hands the compiled kernel every parameter in
+    order (constexprs from the call, then defaults); a different alignment, integer, constexpr or launch
+    option goes through the JIT again; under the interpreter every call does."""
+    monkeypatch.setattr(_op, "triton_interpret_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    jit = _FakeJitFunction()
+    launch = _op.Launcher(jit)
+    x = torch.zeros(64)
+    calls = [((4,), (x, 3, 0.5), dict(BLOCK=16, num_warps=4)),
+             ((4,), (x, 3, 0.5), dict(BLOCK=16, num_warps=4)),  # same key: direct
+             ((4,), (x[1:], 3, 0.5), dict(BLOCK=16, num_warps=4)),  # 4-byte offset: not 16-byte aligned
+             ((4,), (x, 5, 0.5), dict(BLOCK=16, num_warps=4)),  # another integer
+             ((4,), (x, 3, 0.5), dict(BLOCK=32, num_warps=4)),  # another constexpr
+             ((4,), (x, 3, 0.5), dict(BLOCK=16, num_warps=8)),  # another launch option
+             ((2,), (x[16:], 3, 0.5), dict(BLOCK=16, num_warps=4))]  # aligned view, new grid: direct
+    for grid, args, meta in calls:
+        launch(grid, *args, **meta)
+    assert [c[0] for c in jit.calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
+    assert jit.calls[1][1:] == ((4,), (x, 3, 0.5, 16, True))
+    assert jit.calls[6][1] == (2,) and jit.calls[6][2][0].data_ptr() == x[16:].data_ptr()
+
+    monkeypatch.setattr(_op, "triton_interpret_enabled", lambda: True)
+    interpreted = _op.Launcher(_FakeJitFunction())
+    for _ in range(2):
+        interpreted((4,), x, 3, 0.5, BLOCK=16)
+    assert [c[0] for c in interpreted.fn.calls] == ["jit", "jit"]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Callable, Optional, Sequence
 
@@ -134,6 +135,51 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel launches
+# ------------------------------------------------------------------------------------------------
+class Launcher:
+    """``Launcher(jit_fn)(grid, *args, **constexprs)``: ``jit_fn[grid](*args, **constexprs)`` without the
+    JIT's per-call argument binding once a call of the same specialization has compiled.
+
+    ``JITFunction.run`` binds and specializes every argument on every call, host time that bounds small
+    maps (these kernels take ~40 arguments). A later call whose key matches an earlier one's launches that
+    call's compiled kernel directly, as Inductor's static launcher does. The key is a superset of what
+    Triton specializes on: the device, each tensor's dtype and 16-byte alignment, every other argument's
+    value, and the constexprs and launch options. Under Triton's CPU interpreter every call goes through
+    the JIT.
+    """
+
+    MAX_ENTRIES = 1024  # specializations kept per kernel (shapes seen); the cache restarts past that
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        params = inspect.signature(fn.fn).parameters.values()
+        self.names = [p.name for p in params]
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self.compiled: dict[tuple, object] = {}
+
+    @staticmethod
+    def _spec(a: object) -> object:
+        if isinstance(a, torch.Tensor):
+            return a.dtype, a.data_ptr() % 16 == 0
+        return a  # int, float, bool, None: by value (positional constexprs too)
+
+    def __call__(self, grid: tuple[int, ...], *args: object, **meta: object) -> None:
+        key = (torch.cuda.current_device() if not triton_interpret_enabled() else -1,
+               *map(self._spec, args), *meta.items())
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.fn[grid](*args, **meta)
+            if not triton_interpret_enabled() and hasattr(compiled, "function"):  # a CompiledKernel
+                if len(self.compiled) >= self.MAX_ENTRIES:
+                    self.compiled.clear()
+                self.compiled[key] = compiled
+            return
+        # every parameter in order, constexprs included, as JITFunction.run hands them to the launcher
+        compiled[grid](*args, *(meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels._op import dot_precision
+from attnzoo.kernels._op import Launcher, dot_precision
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -249,6 +249,9 @@ def _bra_bwd_dkdv_kernel(
              mask=mask_n[:, None] & mask_dv[None, :])
 
 
+_FWD, _DQ, _DKDV = Launcher(_bra_fwd_kernel), Launcher(_bra_bwd_dq_kernel), Launcher(_bra_bwd_dkdv_kernel)
+
+
 def kernel_config(kernel: str, T: int, D: int, Dv: int) -> dict:
     """Launch parameters of ``kernel`` ("fwd", "dq", "dkdv") for regions of ``T`` tokens.
 
@@ -281,9 +284,8 @@ def routed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, regi
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     config = kernel_config("fwd", RH * RW, D, Dv)
     grid = (triton.cdiv(RH * RW, config["BLOCK_M"]) * n_win * n_win, B * n_heads)
-    _bra_fwd_kernel[grid](
-        q, k, v, out, lse, idx, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=dot_precision(q.dtype), **config)
+    _FWD(grid, q, k, v, out, lse, idx, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         n_heads, n_win, topk, RH, RW, D, Dv, scale * LOG2E, PRECISION=dot_precision(q.dtype), **config)
     return out, lse
 
 
@@ -319,17 +321,17 @@ def routed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     grid = (triton.cdiv(T, config["BLOCK_M"]) * R, B * n_heads)
     if deterministic:
         delta = torch.empty_like(lse)
-        _bra_bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, delta, idx, dq, dq, dq, *strides, *out.stride(),
-                                 *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=False, **config)
+        _DQ(grid, q, k, v, out, grad_out, lse, delta, idx, dq, dq, dq, *strides, *out.stride(),
+            *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=False, **config)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         inv_q, inv_start = invert_region_index(idx)
         config = kernel_config("dkdv", T, D, Dv)
         grid = (triton.cdiv(T, config["BLOCK_N"]) * R, B * n_heads)
-        _bra_bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, inv_q, inv_start, dk, dv, *strides,
-                                   *grad_out.stride(), *geometry, PRECISION=prec, **config)
+        _DKDV(grid, q, k, v, grad_out, lse, delta, inv_q, inv_start, dk, dv, *strides,
+              *grad_out.stride(), *geometry, PRECISION=prec, **config)
         return dq, dk, dv
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    _bra_bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, lse, idx, dq, dk_acc, dv_acc, *strides, *out.stride(),
-                             *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=True, **config)
+    _DQ(grid, q, k, v, out, grad_out, lse, lse, idx, dq, dk_acc, dv_acc, *strides, *out.stride(),
+        *grad_out.stride(), *geometry, PRECISION=prec, ATOMIC_DKDV=True, **config)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

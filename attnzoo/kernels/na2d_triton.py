@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.kernels._op import Launcher
+
 LOG2E = math.log2(math.e)
 
 
@@ -323,6 +325,9 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
+_FWD, _DQ, _DKDV = Launcher(_na2d_fwd_kernel), Launcher(_na2d_bwd_dq_kernel), Launcher(_na2d_bwd_dkdv_kernel)
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Block shapes on a dilation sub-grid: the owned tile BY x BX (queries for fwd/dq, keys for dk/dv)
@@ -414,9 +419,9 @@ def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.T
     plan = _plan("fwd", tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, False,
                  torch.backends.cuda.matmul.allow_tf32)
     rpb = q if rpb is None else rpb.contiguous()  # never read without HAS_RPB
-    _na2d_fwd_kernel[plan.grid](
-        q, k, v, rpb, out, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0),
-        H, W, scale * LOG2E, **plan.meta)
+    _FWD(plan.grid,
+         q, k, v, rpb, out, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0),
+         H, W, scale * LOG2E, **plan.meta)
     return out, lse
 
 
@@ -442,10 +447,10 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta, partial = scratch[:lse.numel()], scratch[lse.numel():]  # delta [B, heads, H, W]; d_rpb partials
     rpb_t = q if rpb is None else rpb.contiguous()
     strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb_t.stride(0))
-    _na2d_bwd_dq_kernel[p_dq.grid](
-        q, k, v, rpb_t, out, dout, lse, delta, dq, partial, *strides, H, W, scale * LOG2E, scale, **p_dq.meta)
-    _na2d_bwd_dkdv_kernel[p_dkdv.grid](
-        q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale, **p_dkdv.meta)
+    _DQ(p_dq.grid, q, k, v, rpb_t, out, dout, lse, delta, dq, partial, *strides, H, W, scale * LOG2E, scale,
+        **p_dq.meta)
+    _DKDV(p_dkdv.grid, q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale,
+          **p_dkdv.meta)
     if not rpb_grad:
         return dq, dk, dv, None
     kh, kw = 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1

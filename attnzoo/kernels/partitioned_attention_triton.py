@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels._op import dot_precision
+from attnzoo.kernels._op import Launcher, dot_precision
 from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index
 
 
@@ -192,6 +192,8 @@ def _pa_bwd(
             tl.atomic_add(DBIAS + (h * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :], ds_sum)
 
 
+_FWD, _BWD = Launcher(_pa_fwd), Launcher(_pa_bwd)
+
 # launch settings (the benchmark sweeps alternatives; see benchmarks/NOTES_partitioned_attention.md)
 FWD_LAUNCH = dict(num_warps=4, num_stages=2)
 BWD_LAUNCH = dict(num_warps=4, num_stages=1)
@@ -257,7 +259,7 @@ def forward(q, k, v, bias, ph, pw, grid, sy, sx, scale):
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:4], torch.float32, q.device)
     grid_ = (B * NP, NH * triton.cdiv(N, BLOCK_M))
-    _pa_fwd[grid_](
+    _FWD(grid_,
         q, k, v, o, lse, q if bias is None else bias, *_strides(q), *_strides(k), *_strides(v),
         NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
         D=D, GRID=grid, HAS_RPB=bias is not None, DOT_PRECISION=dot_precision(q.dtype), N_PAD=tile_size(N),
@@ -282,7 +284,7 @@ def backward(do, q, k, v, bias, out, lse, ph, pw, grid, sy, sx, scale):
     # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows
     parts = 1 if bias is None or not one_block else max(1, min(32, BP * NH // 4096))
     grid_ = (triton.cdiv(BP, parts), NH * triton.cdiv(N, BLOCK_N))
-    _pa_bwd[grid_](
+    _BWD(grid_,
         q, k, v, out, do, lse, q if bias is None else bias, dq, dk, dv, dq if dbias is None else dbias,
         *_strides(q), *_strides(k), *_strides(v),
         BP, NP, NH, N, H, W, Hp, Wp, ph, pw, sy, sx, scale,
