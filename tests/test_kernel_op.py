@@ -196,6 +196,7 @@ class _FakeCompiledKernel:
         self.calls = calls
 
     def __getitem__(self, grid):
+        grid = (grid[0], grid[1], grid[2])  # as Triton's CompiledKernel reads it: no 1-D or 2-D grids
         return lambda *args: self.calls.append(("direct", grid, args))
 
 
@@ -234,8 +235,8 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_specialization(monk
     for grid, args, meta in calls:
         launch(grid, *args, **meta)
     assert [c[0] for c in jit.calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
-    assert jit.calls[1][1:] == ((4,), (x, 3, 0.5, 16, True))
-    assert jit.calls[6][1] == (2,) and jit.calls[6][2][0].data_ptr() == x[16:].data_ptr()
+    assert jit.calls[1][1:] == ((4, 1, 1), (x, 3, 0.5, 16, True))
+    assert jit.calls[6][1] == (2, 1, 1) and jit.calls[6][2][0].data_ptr() == x[16:].data_ptr()
 
     monkeypatch.setattr(_op, "triton_interpret_enabled", lambda: True)
     interpreted = _op.Launcher(_FakeJitFunction())

@@ -178,8 +178,9 @@ class Launcher:
                     self.compiled.clear()
                 self.compiled[key] = compiled
             return
-        # every parameter in order, constexprs included, as JITFunction.run hands them to the launcher
-        compiled[grid](*args, *(meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):]))
+        # a 3-D grid (CompiledKernel reads grid[0..2]) and every parameter in order, constexprs included, as
+        # JITFunction.run hands them to the launcher
+        compiled[(*grid, 1, 1)[:3]](*args, *(meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):]))
 
 
 # ------------------------------------------------------------------------------------------------
