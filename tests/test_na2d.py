@@ -200,6 +200,21 @@ def test_triton_deterministic_rpb_grad():
     assert_rel_l2(first, torch.autograd.grad(ref, ref_leaves[3], dout.double())[0])
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("head_dim", [8, 32, 64, 96, 128])
+def test_tiles_pipeline_fits_shared_memory(kernel, itemsize, head_dim):
+    """num_stages copies of the walked k/v (or q/dO) blocks fit the pipeline's shared-memory budget: float32
+    heads of 96-128 with 3 stages of 8 x 8 dq blocks asked an H200 for 240 KiB (OutOfResources)."""
+    from attnzoo.kernels import na2d_triton as T
+
+    cases = (((40, 40), (11, 7), True), ((56, 56), (7, 7), True), ((7, 7), (7, 7), False), ((45, 31), (13, 13), True))
+    for sub, ks, rpb in cases:
+        t = T.choose_tiles(kernel, *sub, ks, head_dim, rpb, itemsize)
+        walked = 2 * t.KBY * t.KBX * max(16, T._p2(head_dim)) * itemsize
+        assert 1 <= t.num_stages and t.num_stages * walked <= T.PIPELINE_SMEM, (sub, ks, t)
+
+
 def test_auto_rule_is_triton_on_every_map():
     """The fused kernels beat the masked dense path on every NAT/DiNAT stage shape (benchmarks/NOTES_na2d.md),
     small maps included, so auto's CUDA rule is Triton wherever it is called."""

@@ -180,7 +180,8 @@ class Launcher:
             return
         # a 3-D grid (CompiledKernel reads grid[0..2]) and every parameter in order, constexprs included, as
         # JITFunction.run hands them to the launcher
-        compiled[(*grid, 1, 1)[:3]](*args, *(meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):]))
+        rest = (meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):])
+        compiled[(*grid, 1, 1)[:3]](*args, *rest)
 
 
 # ------------------------------------------------------------------------------------------------

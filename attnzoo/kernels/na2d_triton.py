@@ -340,12 +340,17 @@ class Tiles:
     num_stages: int = 2
 
 
+PIPELINE_SMEM = 128 * 1024
+"""Shared memory (bytes) the pipelined walked blocks may take; the rest of a Hopper block's 227 KiB holds the
+owned tile, the bias table and layout conversions."""
+
+
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
 def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, int], head_dim: int,
-                 has_rpb: bool) -> Tiles:
+                 has_rpb: bool, itemsize: int = 2) -> Tiles:
     """Tile shapes of ``kernel`` ("fwd", "dq", "dkdv") on sub-grids of ``sub_h x sub_w``.
 
     8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked
@@ -365,6 +370,10 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
         kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (2, 16, 3)
     if kernel == "dq" and has_rpb:
         kby, kbx = max(kby, 16 // by), max(kbx, 16 // bx)
+    # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) in shared memory: cap
+    # them so that wide float32 heads fit (3 stages of 8 x 8 x 128 fp32 pairs exceed an H100/H200 block's)
+    walked_pair = 2 * kby * kbx * max(16, _p2(head_dim)) * itemsize
+    stages = max(1, min(stages, PIPELINE_SMEM // walked_pair))
     return Tiles(by, bx, kby, kbx, num_warps=4, num_stages=stages)
 
 
@@ -387,7 +396,7 @@ def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: 
     bound on small maps)."""
     B, H, W, N, D = shape
     sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])  # residue 0 has the longest sub-grid
-    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, rpb_grad if kernel == "dq" else has_rpb)
+    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, rpb_grad if kernel == "dq" else has_rpb, dtype.itemsize)
     tiles_y, tiles_x = -(-sub_h // t.BY), -(-sub_w // t.BX)
     walked = dict(QBY=t.KBY, QBX=t.KBX) if kernel == "dkdv" else dict(KBY=t.KBY, KBX=t.KBX)
     prec = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
