@@ -118,7 +118,8 @@ def _start(run: Run, work_dir: Path, extra: list[str], gpu: int | None) -> None:
     run.cmd += ["--from-scratch"] if run.scratch else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # GPU i of the ones this process was given
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
     run.gpu, run.log = gpu, work_dir / f"{run.name}.log"
     print(f"== {run.name} on {'GPU ' + str(gpu) if gpu is not None else 'the default device'}: "
           f"{' '.join(shlex.quote(c) for c in run.cmd)}", flush=True)
@@ -154,9 +155,12 @@ def schedule(args: dict[str, Any] | None) -> str | None:
     """A run's schedule in a few words (rows appended from other invocations may differ)."""
     if not args:
         return None
-    return (f"pretrain {args['pretrain_epochs']} ep b{args['pretrain_batch_size']}, det {args['det_epochs']} ep, "
+    return (f"pretrain {args['pretrain_epochs']} ep b{args['pretrain_batch_size']} {args.get('pretrain_size', 28)} px, "
+            f"det {args['det_epochs']} ep, "
             f"seg {args['seg_iters']} it, b{args['batch_size']}, {args['train_images']} img"
-            + (", amp" if args.get("amp") else ""))
+            + (", amp" if args.get("amp") else "")
+            + "".join(f", {task} {' '.join(args[f'{task}_cfg_options'])}" for task in ("det", "seg")
+                      if args.get(f"{task}_cfg_options")))
 
 
 def targets(pretrained: dict[str, Any], scratch: dict[str, Any]) -> str:

@@ -287,3 +287,27 @@ def test_pretraining_recipe_per_schedule(schedule: str, extra: str, expected: di
     with pytest.raises(KeyboardInterrupt):
         finetune_cli.pretrain(args, tmp_path)
     assert {k: seen[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "1"), ("2,3", "3")])
+def test_benchmark_runs_on_the_gpus_it_was_given(visible: str | None, expected: str, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    """Run i of ``benchmarks.finetune --gpus N`` goes to the i-th GPU of the benchmark's own
+    CUDA_VISIBLE_DEVICES (physical GPU i before: a benchmark given GPUs 2,3 ran on 0,1)."""
+    from benchmarks import finetune as bench
+
+    seen = {}
+
+    def popen(cmd, env, **kwargs):
+        seen.update(env)
+        return None
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    run = bench.Run("nat_nano", scratch=True)
+    bench._start(run, tmp_path, [], gpu=1)
+    run.file.close()
+    assert seen["CUDA_VISIBLE_DEVICES"] == expected
