@@ -257,6 +257,29 @@ def test_fashion_mnist_from_the_debian_package_layout(tmp_path, monkeypatch):
         data_mod.prepare_fashion_mnist(tmp_path / "empty")
 
 
+def test_fashion_mnist_prepared_by_two_runs_at_once(tmp_path, monkeypatch):
+    """Two runs preparing the same folder at once (the fine-tuning benchmark starts one per GPU) both succeed
+    with whole files; with one shared temporary name the second rename raised FileNotFoundError."""
+    system = tmp_path / "usr_share"
+    system.mkdir()
+    payload = {name: os.urandom(4096) for name in data_mod.FASHION_MNIST_FILES}
+    for name, blob in payload.items():
+        with gzip.open(system / f"{name}.gz", "wb") as f:
+            f.write(blob)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", system)
+    copy, other_ran = data_mod.shutil.copyfileobj, []
+
+    def copy_while_another_run_prepares(fin, fout, *args):
+        if not other_ran:  # the other run does all its work between this run's open and its rename
+            other_ran.append(True)
+            data_mod.prepare_fashion_mnist(tmp_path / "data")
+        copy(fin, fout, *args)
+
+    monkeypatch.setattr(data_mod.shutil, "copyfileobj", copy_while_another_run_prepares)
+    raw = data_mod.prepare_fashion_mnist(tmp_path / "data")
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == payload
+
+
 def test_fashion_mnist_dir_from_the_environment(tmp_path):
     """ATTNZOO_FASHION_MNIST_DIR replaces the Debian package's folder for pretraining and the pasted sets alike."""
     code = ("from attnzoo.training import data; from tools import make_dense_demo_data as m; "

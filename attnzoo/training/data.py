@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,12 @@ def prepare_fashion_mnist(root: str | os.PathLike, download: bool = False) -> Pa
     if all(p.is_file() for p in system):
         raw.mkdir(parents=True, exist_ok=True)
         for src, name in zip(system, FASHION_MNIST_FILES):
-            tmp = raw / f".{name}.tmp"
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            # a temporary file of this process's own, renamed into place: runs started together (one per GPU)
+            # each write a whole copy and the last rename wins, never a half-written or vanished file
+            with gzip.open(src, "rb") as fin, tempfile.NamedTemporaryFile(dir=raw, prefix=f".{name}.",
+                                                                         delete=False) as fout:
                 shutil.copyfileobj(fin, fout)
-            tmp.replace(raw / name)
+            os.replace(fout.name, raw / name)
         return raw
     if download:
         return raw  # torchvision fetches the files when the dataset is created
