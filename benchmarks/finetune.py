@@ -133,7 +133,12 @@ def result(run: Run, work_dir: Path) -> dict[str, Any]:
     """The run's summary.json (what it finished, when stopped early), with the error it ended with if any."""
     path = work_dir / run.name / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else dict(model=run.model, init=run.init)
-    if run.proc.returncode != 0 or "wall_s" not in summary:
+    if run.proc is None:  # --report-from: a run of an earlier invocation, measured when it wrote its summary
+        if path.is_file():
+            summary["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+        if "wall_s" not in summary:
+            summary["error"] = f"{path} is missing or the run did not finish"
+    elif run.proc.returncode != 0 or "wall_s" not in summary:
         summary["error"] = run.stopped or f"tools/finetune.py exit {run.proc.returncode} (see {run.log.name})"
     summary["gpu"] = run.gpu
     return summary
@@ -159,18 +164,20 @@ def schedule(args: dict[str, Any] | None) -> str | None:
             f"det {args['det_epochs']} ep, "
             f"seg {args['seg_iters']} it, b{args['batch_size']}, {args['train_images']} img"
             + (", amp" if args.get("amp") else "")
+            + (f", {' + '.join(args['tasks'])} only" if len(args.get("tasks") or ["det", "seg"]) < 2 else "")
             + "".join(f", {task} {' '.join(args[f'{task}_cfg_options'])}" for task in ("det", "seg")
                       if args.get(f"{task}_cfg_options")))
 
 
 def targets(pretrained: dict[str, Any], scratch: dict[str, Any]) -> str:
-    """Which targets the pretrained run meets ('all', or the misses)."""
-    misses = [f"{k} {pretrained[k.replace('_', ' ')]:.3f} < {v}" for k, v in TARGETS.items() if k != "minutes"
-              and (pretrained[k.replace("_", " ")] or 0.0) < v]
+    """Which targets the pretrained run meets ('all', or the misses), over the stages it ran (``--tasks``)."""
+    ran = {"bbox mAP": "det s", "segm mAP": "det s", "mIoU": "seg s"}
+    metrics = [k for k, stage in ran.items() if pretrained[stage] is not None]
+    misses = [f"{k} {pretrained[k]:.3f} < {TARGETS[k.replace(' ', '_')]}" for k in metrics
+              if (pretrained[k] or 0.0) < TARGETS[k.replace(" ", "_")]]
     misses += [f"{k} {pretrained[k] / 60:.1f} min > {TARGETS['minutes']}" for k in ("det s", "seg s")
-               if (pretrained[k] or float("inf")) > 60 * TARGETS["minutes"]]
-    misses += [f"{k} not above scratch" for k in ("bbox mAP", "segm mAP", "mIoU")
-               if (pretrained[k] or 0.0) <= (scratch[k] or 0.0)]
+               if pretrained[k] is not None and pretrained[k] > 60 * TARGETS["minutes"]]
+    misses += [f"{k} not above scratch" for k in metrics if (pretrained[k] or 0.0) <= (scratch[k] or 0.0)]
     return "all" if not misses else "missed: " + "; ".join(misses)
 
 
@@ -205,13 +212,20 @@ def main(argv: list[str] | None = None) -> Report:
                    help="keep the report's rows of models not run now (each row carries its date)")
     p.add_argument("--work-dir", default="output/benchmark_finetune", help="parent of the runs' folders")
     p.add_argument("--out", default=str(RESULTS_DIR), help="where finetune.{json,md} go")
+    p.add_argument("--name", default=None, help="report file name (default: finetune, or finetune_quick)")
+    p.add_argument("--report-from", metavar="DIR", default=None,
+                   help="run nothing: report the finished runs in DIR (a --work-dir's full/ folder), e.g. when the "
+                        "benchmark stopped before its report")
     args = p.parse_args(argv)
     cuda = torch.cuda.device_count()
-    if not args.quick and not cuda:
+    if args.report_from:
+        if not Path(args.report_from).is_dir():
+            p.error(f"--report-from {args.report_from}: no such directory")
+    elif not args.quick and not cuda:
         raise SystemExit("benchmarks.finetune needs a CUDA device (the full schedule takes hours on a CPU); "
                          "--quick smoke-tests the script on a CPU")
     gpus = args.gpus if args.gpus is not None else (0 if args.quick else 1)
-    if not 0 <= gpus <= cuda:
+    if not args.report_from and not 0 <= gpus <= cuda:
         p.error(f"--gpus {gpus}: expected 0..{cuda}, the CUDA devices this machine shows")
     if args.runs_per_gpu < 1:
         p.error(f"--runs-per-gpu {args.runs_per_gpu}: expected at least 1")
@@ -223,9 +237,10 @@ def main(argv: list[str] | None = None) -> Report:
     from tools.finetune import prepare_data
 
     models = args.models or (["nat_nano"] if args.quick else MODELS)
-    work_dir = fresh_folder(Path(args.work_dir).resolve(), "quick" if args.quick else "full")
+    work_dir = Path(args.report_from).resolve() if args.report_from else \
+        fresh_folder(Path(args.work_dir).resolve(), "quick" if args.quick else "full")
     extra = (QUICK if args.quick else ["--schedule", "full"]) + ["--seed", "0"] + shlex.split(args.finetune_args)
-    name = "finetune_quick" if args.quick else "finetune"
+    name = args.name or ("finetune_quick" if args.quick else "finetune")
     per_gpu = args.runs_per_gpu
     sharing = f" Up to {per_gpu} runs shared one {'GPU' if gpus else 'device'} at a time: their wall times are " \
         "upper bounds." if per_gpu > 1 else ""
@@ -247,24 +262,34 @@ def main(argv: list[str] | None = None) -> Report:
             if r["model"] not in models:
                 report.add(**{"measured": old["env"]["date"], **r})
     runs = [Run(model, scratch) for model in models for scratch in (False, True)]
-    # the pasted sets and the pretraining's Fashion-MNIST files once, before any run: parallel runs would each
-    # write them into the same folders
-    data = finetune_args(["--model", models[0], "--data-dir", str(work_dir / "data"), *extra])
-    print(f"== pasted sets in {data.data_dir}: {prepare_data(data)}", flush=True)
-    recipe = yaml.safe_load((REPO / "configs" / "demo" / "fashion_mnist.yaml").read_text())  # data_dir: from REPO
-    print(f"== Fashion-MNIST for pretraining in {prepare_fashion_mnist(REPO / recipe['data_dir'])}", flush=True)
-    t0 = time.monotonic()
-    run_all(runs, work_dir, extra, gpus, per_gpu, args.run_timeout)
-    report.env["benchmark wall s"] = round(time.monotonic() - t0)
+    if args.report_from:
+        stamps = [json.loads(f.read_text()) for r in runs if (f := work_dir / r.name / "summary.json").is_file()]
+        if stamps:  # the measuring machine's, as the runs recorded it, not this one's
+            report.env = dict(date=report.env["date"], command=report.env["command"],
+                              **{k: v for k, v in stamps[0].get("versions", {}).items() if v is not None},
+                              device=stamps[0].get("device"))
+        report.notes = (f"Rebuilt from the finished runs in {work_dir.name}/ of an earlier invocation (its schedule "
+                        "column gives each run's flags). " + report.notes.split(" per model, ", 1)[1])
+    else:
+        # the pasted sets and the pretraining's Fashion-MNIST files once, before any run: parallel runs would
+        # each write them into the same folders
+        data = finetune_args(["--model", models[0], "--data-dir", str(work_dir / "data"), *extra])
+        print(f"== pasted sets in {data.data_dir}: {prepare_data(data)}", flush=True)
+        recipe = yaml.safe_load((REPO / "configs" / "demo" / "fashion_mnist.yaml").read_text())  # data_dir: REPO's
+        print(f"== Fashion-MNIST for pretraining in {prepare_fashion_mnist(REPO / recipe['data_dir'])}", flush=True)
+        t0 = time.monotonic()
+        run_all(runs, work_dir, extra, gpus, per_gpu, args.run_timeout)
+        report.env["benchmark wall s"] = round(time.monotonic() - t0)
     failed = []
     for model in models:
-        pair = {r.scratch: row(result(r, work_dir)) for r in runs if r.model == model}
+        summaries = {r.scratch: result(r, work_dir) for r in runs if r.model == model}
+        pair = {scratch: row(summary) for scratch, summary in summaries.items()}
         if not (pair[False]["targets"] or pair[True]["targets"]):
             pair[False]["targets"] = targets(pair[False], pair[True])
-        for r in pair.values():
+        for scratch, r in pair.items():
             if (r["targets"] or "").startswith("error"):
                 failed.append(f"{r['model']} ({r['init']}): {r['targets']}")
-            report.add(**r, measured=report.env["date"])
+            report.add(**r, measured=summaries[scratch].get("finished") or report.env["date"])
     js, md = report.save(args.out)
     print(report.markdown())
     print(f"wrote {js} and {md}; runs in {work_dir}")

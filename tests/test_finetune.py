@@ -311,3 +311,31 @@ def test_benchmark_runs_on_the_gpus_it_was_given(visible: str | None, expected: 
     bench._start(run, tmp_path, [], gpu=1)
     run.file.close()
     assert seen["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_benchmark_reports_finished_runs_of_one_stage(tmp_path: Path) -> None:
+    """``--report-from`` rebuilds the report from runs already in a folder, on the measuring machine's stamp;
+    runs of one stage (``--tasks seg``) are judged on that stage (the report raised TypeError on the missing
+    detection metrics)."""
+    from benchmarks import finetune as bench
+
+    args = dict(pretrain_epochs=3, pretrain_batch_size=512, pretrain_size=56, det_epochs=4, seg_iters=1000,
+                batch_size=8, train_images=1024, tasks=["seg"], det_cfg_options=[],
+                seg_cfg_options=["optim_wrapper.optimizer.lr=2e-4"])
+    for init, miou in (("pretrained", 0.55), ("scratch", 0.5)):
+        run = tmp_path / "runs" / f"nat_nano-{init}"
+        run.mkdir(parents=True)
+        summary = dict(model="nat_nano", init=init, args=args, wall_s=200.0, device="NVIDIA H200",
+                       versions=dict(python="3.12.3", torch="2.11.0", attnzoo=None),
+                       seg=dict(mIoU=miou, wall_s=150.0, img_per_s=60.0, peak_memory_mib=1000.0))
+        (run / "summary.json").write_text(json.dumps(summary))
+        os.utime(run / "summary.json", (0, 0))
+    bench.main(["--report-from", str(tmp_path / "runs"), "--models", "nat_nano", "--out", str(tmp_path / "out"),
+                "--name", "seg_lr"])
+    report = json.loads((tmp_path / "out" / "seg_lr.json").read_text())
+    pretrained, scratch = report["rows"]
+    assert pretrained["targets"] == "missed: mIoU 0.550 < 0.6" and scratch["targets"] is None
+    assert pretrained["bbox mAP"] is None and pretrained["mIoU"] == 0.55
+    assert "seg only, seg optim_wrapper.optimizer.lr=2e-4" in pretrained["schedule"]
+    assert pretrained["measured"] == "1970-01-01 00:00 UTC"
+    assert report["env"]["device"] == "NVIDIA H200" and report["env"]["torch"] == "2.11.0"
