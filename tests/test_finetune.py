@@ -264,14 +264,14 @@ def test_runs_and_data_are_never_overwritten(tmp_path: Path, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("schedule, extra, expected", [
-    ("toy", "", dict(lr=2.5e-3, warmup_epochs=0, clip_grad=None, batch_size=128)),
-    ("full", "", dict(lr=1e-3, warmup_epochs=1, clip_grad=1.0, batch_size=512)),
-    ("full", "--lr 3e-4", dict(lr=3e-4, warmup_epochs=1, clip_grad=1.0, batch_size=512)),
+    ("toy", "", dict(lr=2.5e-3, warmup_epochs=0, clip_grad=None, batch_size=128, input_size=[3, 28, 28])),
+    ("full", "", dict(lr=1e-3, warmup_epochs=1, clip_grad=1.0, batch_size=512, input_size=[3, 56, 56])),
+    ("full", "--lr 3e-4", dict(lr=3e-4, warmup_epochs=1, clip_grad=1.0, batch_size=512, input_size=[3, 56, 56])),
 ])
 def test_pretraining_recipe_per_schedule(schedule: str, extra: str, expected: dict, tmp_path: Path,
                                          monkeypatch) -> None:
-    """The "full" pretraining runs at batch 512 with a lower rate, a warm-up epoch and clipping (the demo's 2.5e-3
-    from the first step sent nat_tiny to chance accuracy on an H200); --pretrain-args still overrides it."""
+    """The "full" pretraining runs at 56 px and batch 512 with a lower rate, a warm-up epoch and clipping (the demo's
+    2.5e-3 from the first step sent nat_tiny to chance accuracy on an H200); --pretrain-args still overrides it."""
     import attnzoo.training.loop as loop
     from attnzoo.training.args import parse_with_config, train_parser
 
