@@ -244,13 +244,15 @@ def main(argv: list[str] | None = None) -> Report:
     per_gpu = args.runs_per_gpu
     sharing = f" Up to {per_gpu} runs shared one {'GPU' if gpus else 'device'} at a time: their wall times are " \
         "upper bounds." if per_gpu > 1 else ""
+    runs_are = (f"Rebuilt from the finished runs in {work_dir.name}/ of an earlier invocation (its schedule column "
+                "gives each run's flags): pretrained and --from-scratch per model" if args.report_from else
+                f"tools/finetune.py {' '.join(extra)} per model, pretrained and --from-scratch")
     report = Report(name, "Mask R-CNN / UPerNet fine-tuning on the pasted Fashion-MNIST sets: from the "
                     "classification checkpoint vs from scratch", columns=COLUMNS,
-                    notes=(f"tools/finetune.py {' '.join(extra)} per model, pretrained and --from-scratch (same "
-                           "seed, data and schedule). mAP/mIoU: fractions on the pasted validation sets; s: wall "
-                           "time of each fine-tuning (training + its evaluations); img/s: median training step; "
-                           "peak MiB: CUDA high-water mark of the stage; run s: the whole run (pretraining "
-                           "included). Targets: from the checkpoint bbox mAP >= "
+                    notes=(f"{runs_are} (same seed, data and schedule). mAP/mIoU: fractions on the pasted "
+                           "validation sets; s: wall time of each fine-tuning (training + its evaluations); img/s: "
+                           "median training step; peak MiB: CUDA high-water mark of the stage; run s: the whole "
+                           "run (pretraining included). Targets: from the checkpoint bbox mAP >= "
                            f"{TARGETS['bbox_mAP']}, segm mAP >= {TARGETS['segm_mAP']}, mIoU >= {TARGETS['mIoU']}, "
                            f"each fine-tuning <= {TARGETS['minutes']:.0f} min, above from scratch.{sharing}"
                            + (" --quick: a CPU smoke run of the script, not a measurement." if args.quick else "")))
@@ -268,8 +270,6 @@ def main(argv: list[str] | None = None) -> Report:
             report.env = dict(date=report.env["date"], command=report.env["command"],
                               **{k: v for k, v in stamps[0].get("versions", {}).items() if v is not None},
                               device=stamps[0].get("device"))
-        report.notes = (f"Rebuilt from the finished runs in {work_dir.name}/ of an earlier invocation (its schedule "
-                        "column gives each run's flags). " + report.notes.split(" per model, ", 1)[1])
     else:
         # the pasted sets and the pretraining's Fashion-MNIST files once, before any run: parallel runs would
         # each write them into the same folders

@@ -242,14 +242,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
 
 
-def test_fashion_mnist_from_the_debian_package_layout(tmp_path, monkeypatch):
-    system = tmp_path / "usr_share"
-    system.mkdir()
-    payload = {name: os.urandom(64) for name in data_mod.FASHION_MNIST_FILES}
+def _fake_debian_package(folder, monkeypatch, size: int) -> dict[str, bytes]:
+    """The four .gz files of Debian's dataset-fashion-mnist (random bytes) as the system folder."""
+    folder.mkdir()
+    payload = {name: os.urandom(size) for name in data_mod.FASHION_MNIST_FILES}
     for name, blob in payload.items():
-        with gzip.open(system / f"{name}.gz", "wb") as f:
+        with gzip.open(folder / f"{name}.gz", "wb") as f:
             f.write(blob)
-    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", folder)
+    return payload
+
+
+def test_fashion_mnist_from_the_debian_package_layout(tmp_path, monkeypatch):
+    payload = _fake_debian_package(tmp_path / "usr_share", monkeypatch, 64)
     raw = data_mod.prepare_fashion_mnist(tmp_path / "data")
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == payload
     monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
@@ -260,13 +265,7 @@ def test_fashion_mnist_from_the_debian_package_layout(tmp_path, monkeypatch):
 def test_fashion_mnist_prepared_by_two_runs_at_once(tmp_path, monkeypatch):
     """Two runs preparing the same folder at once (the fine-tuning benchmark starts one per GPU) both succeed
     with whole files; with one shared temporary name the second rename raised FileNotFoundError."""
-    system = tmp_path / "usr_share"
-    system.mkdir()
-    payload = {name: os.urandom(4096) for name in data_mod.FASHION_MNIST_FILES}
-    for name, blob in payload.items():
-        with gzip.open(system / f"{name}.gz", "wb") as f:
-            f.write(blob)
-    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", system)
+    payload = _fake_debian_package(tmp_path / "usr_share", monkeypatch, 4096)
     copy, other_ran = data_mod.shutil.copyfileobj, []
 
     def copy_while_another_run_prepares(fin, fout, *args):
