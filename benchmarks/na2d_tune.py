@@ -1,7 +1,7 @@
 """Tile sweep for the na2d Triton kernels, and a GPU correctness check of all three kernels.
 
 For each issue case (NAT/DiNAT stage shapes at batch 128 and a 256² k13 d64 map) and each kernel (forward,
-dq with delta and the d_rpb partials, dk/dv), times candidate tile shapes with ``do_bench`` medians and
+dq with delta and the window-layout dS for d_rpb, dk/dv), times candidate tile shapes with ``do_bench`` medians and
 prints the best. Compilation is done first in a pool of worker processes (it fills Triton's on-disk
 cache), so the timing pass in this process only loads binaries. ``choose_tiles`` in
 ``attnzoo/kernels/na2d_triton.py`` is written from these results.
@@ -48,7 +48,7 @@ def _valid(case, t) -> bool:
     _, B, H, W, N, D, k, d = case
     sub_h, sub_w = -(-H // d), -(-W // d)
     by, bx, kby, kbx = t.BY, t.BX, t.KBY, t.KBX
-    return by <= T._p2(sub_h) and bx <= T._p2(sub_w) and by * kby >= 16 and bx * kbx >= 16 and kby * kbx >= 16
+    return by <= T._p2(sub_h) and bx <= T._p2(sub_w) and kby * kbx >= 16
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def check() -> list[dict]:
         row = dict(case=name, dtype=str(dtype).split(".")[-1], out=rel_l2(out, ref),
                    **{f"d{n}": rel_l2(gr, rg) for n, gr, rg in zip(("q", "k", "v", "rpb"), grads, ref_g)},
                    drpb_bit_identical=bool(torch.equal(grads[3], drpb2)))
-        # the same with a frozen table (no d_rpb binning in the dq kernel)
+        # the same with a frozen table (no dS stores for d_rpb in the dq kernel)
         grads = torch.autograd.grad(na2d(*inp[:3], ks, ds, inp[3].detach(), backend="triton"), inp[:3], dout.to(dtype))
         row.update({f"d{n}_frozen_rpb": rel_l2(gr, rg) for n, gr, rg in zip("qkv", grads, ref_g)})
         rows.append(row)
@@ -132,11 +132,11 @@ def check() -> list[dict]:
     return rows
 
 
-def sweep(jobs: int, compile_only: bool = False) -> list[dict]:
+def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None) -> list[dict]:
     from attnzoo.kernels import na2d_triton as T
 
-    work = [(ci, kernel, cand) for ci, case in enumerate(CASES) for kernel in KERNELS for cand in CANDIDATES
-            if _valid(case, T.Tiles(*cand))]
+    work = [(ci, kernel, cand) for ci, case in enumerate(CASES) for kernel in kernels for cand in CANDIDATES
+            if (cases is None or case[0] in cases) and _valid(case, T.Tiles(*cand))]
     with mp.get_context("spawn").Pool(jobs) as pool:
         status = pool.map(_compile_job, work, chunksize=1)
     if compile_only:
@@ -156,7 +156,7 @@ def sweep(jobs: int, compile_only: bool = False) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     for case in CASES:
-        for kernel in KERNELS:
+        for kernel in kernels:
             done = [r for r in rows if r["case"] == case[0] and r["kernel"] == kernel and "ms" in r]
             if done:
                 best = min(done, key=lambda r: r["ms"])
@@ -228,8 +228,8 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
     B, H, W, N, D = q.shape
     key = (tuple(q.shape), q.dtype, ks, dil, True, True, False)
     p_fwd, p_dq, p_dkdv = T._plan("fwd", *key[:5], False, False), T._plan("dq", *key), T._plan("dkdv", *key)
-    scratch = torch.empty(lse.numel() + p_dq.grid[0] * p_dq.meta["AB"] ** 2, dtype=torch.float32, device=q.device)
-    delta, partial = scratch[:lse.numel()], scratch[lse.numel():]
+    delta = torch.empty_like(lse)
+    dsnb = torch.empty((B, N, H, k, W, k), dtype=q.dtype, device=q.device)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     strides = (*q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0))
 
@@ -248,14 +248,14 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
             q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4],
             rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
         "launch dq kernel, JIT": lambda: T._na2d_bwd_dq_kernel[p_dq.grid](
-            q, kk, v, rpb, out, dout, lse, delta, dq, partial, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
+            q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
         "launch dkdv kernel, JIT": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid](
             q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
         "launch fwd kernel, Launcher (cached)": lambda: T._FWD(
             p_fwd.grid, q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4],
             *out.stride()[:4], rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
         "launch dq kernel, Launcher (cached)": lambda: T._DQ(
-            p_dq.grid, q, kk, v, rpb, out, dout, lse, delta, dq, partial, *strides, H, W, scale * T.LOG2E, scale,
+            p_dq.grid, q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale,
             **p_dq.meta),
         "na2d_forward (host fn)": lambda: T.na2d_forward(q, kk, v, rpb, ks, dil, scale),
         "na2d_backward (host fn)": lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, ks, dil, scale, True),
@@ -281,6 +281,8 @@ def main() -> None:
                     help="check: GPU correctness (na2d_check.*); compile: fill Triton's cache for the sweep in "
                          "worker processes; sweep: time the candidates (na2d_tune.*)")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
+    ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="compile/sweep: kernels")
+    ap.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="compile/sweep: cases (default all)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
     if args.what == "host":
@@ -298,8 +300,8 @@ def main() -> None:
     else:
         report = Report("na2d_tune", "na2d Triton kernels: tile sweep",
                         notes="device time of one kernel per call (torch.profiler, mean of 20 calls), bf16, with rpb "
-                              "(dq includes delta and the d_rpb partials).")
-        for row in sweep(args.jobs, compile_only=args.what == "compile"):
+                              "(dq includes delta and the window-layout dS for d_rpb).")
+        for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases):
             report.add(**row)
         if args.what == "compile":
             return

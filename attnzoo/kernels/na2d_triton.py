@@ -8,10 +8,11 @@ each other, so every program works on one sub-grid of one (batch, head):
   ``(BY + kh - 1) x (BX + kw - 1)`` keys; one flat loop reads it in ``KBY x KBX`` key blocks straight
   from k/v (no gathered copies), masks non-neighbours and keeps an online softmax. It saves the
   log-sum-exp (fp32, base 2) for the backward.
-* backward dq (+ delta, + d_rpb): the forward's tiling. It computes ``delta = rowsum(dO * O)`` for its
-  queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, bins each key block's
-  dS by relative offset with two one-hot matmuls into one ``AB x AB`` partial per program. The host sums
-  the partials in a fixed order: deterministic, no atomics, no extra pass over q/k/v.
+* backward dq (+ delta, + dS for d_rpb): the forward's tiling. It computes ``delta = rowsum(dO * O)`` for
+  its queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, dS at each score's
+  window offset, ``[B, heads, H, kh, W, kw]`` (every entry written exactly once: no in-kernel binning).
+  The host sums that over the batch and bins it by relative offset with two one-hot matmuls:
+  deterministic, no atomics, no extra pass over q/k/v.
 * backward dk/dv: one program per tile of keys, looping over the rectangle of queries whose windows can
   hold them (the inverse neighbourhood), in the transposed orientation (``k @ q^T``: keys are rows, so
   dv and dk accumulate without transposing p or dS). Every gradient element is written once.
@@ -183,17 +184,15 @@ def _na2d_fwd_kernel(Q, K, V, RPB, O, LSE,
 # Backward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, PARTIAL,
+def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
                         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, srn,
                         H, W, qk_scale, sm_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
                         DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
                         KBY: tl.constexpr, KBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
-                        AB: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr,
-                        DOT_PREC: tl.constexpr, BIN1_PREC: tl.constexpr, BIN_PREC: tl.constexpr):
-    """dq = scale * sum_j dS_ij k_j; also delta (stored for dk/dv) and this program's d_rpb partial.
-    O, DO and DQ share the contiguous output strides (sob..son)."""
-    pid = tl.program_id(0)
-    b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(pid, H, W, NH, DH, DW, BY, BX)
+                        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq = scale * sum_j dS_ij k_j; also delta (stored for dk/dv) and, for d_rpb, dS in window layout
+    (DSNB, ``[B, heads, H, kh, W, kw]`` contiguous). O, DO and DQ share the contiguous output strides (sob..son)."""
+    b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -213,14 +212,11 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, PARTIAL,
         table = _load_table(RPB, h, srn, KH, KW, TBL)
     y_lo, y_hi, x_lo, x_hi = _key_rect(ty, tx, sub_h, sub_w, KH, KW, BY, BX)
     if RPB_GRAD:
-        # one-hot binning: dS reordered to rows (u, s) = (query row, key row), columns (v, t) = (query column,
-        # key column); [.., AB] indicators map column pairs to offsets c and row pairs to offsets a.
-        col = tl.arange(0, BX * KBX)
-        col_off = col % KBX - col // KBX + KW - 1  # (t - v) + kw - 1, before the block's shift
-        row = tl.arange(0, BY * KBY)
-        row_off = row % KBY - row // KBY + KH - 1
-        offs_a = tl.arange(0, AB)
-        drpb = tl.zeros([AB, AB], tl.float32)  # [row offset a, column offset c]
+        # DSNB offset of (query, window offset dy, dx): ((ds_row + dy) * W + qx) * KW + dx, ds_row [BY*BX, 1].
+        # Queries of one tile row share dy for a key row: their entries are adjacent (x-major, then dx).
+        qy, qx = (qpy * DH + ry)[:, None], (qpx * DW + rx)[:, None]
+        ds_row = ((b * NH + h).to(tl.int64) * H + qy) * KH
+        ds_keep = q_valid[:, None]  # padded query rows are clamped duplicates: written by their owner
 
     dq = tl.zeros([BY * BX, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, KBY * KBX)
@@ -243,20 +239,10 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, PARTIAL,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if RPB_GRAD:
-            # padded query rows are clamped duplicates: they must not count
-            # dS in the input dtype, as for dq (one-hot factors are exact in any dtype)
-            dsr = tl.reshape(tl.permute(tl.reshape(tl.where(q_valid[:, None], ds, 0.0).to(k.dtype),
-                                                   (BY, BX, KBY, KBX)), (0, 2, 1, 3)), (BY * KBY, BX * KBX))
-            jx = ((col_off + kx0 - tx * BX)[:, None] == offs_a[None, :]).to(k.dtype)  # [BX*KBX, AB]
-            g = tl.dot(dsr, jx, input_precision=BIN1_PREC)  # [BY*KBY, AB]: dS by (u, s) and column offset
-            jy = (offs_a[:, None] == (row_off + ky0 - ty * BY)[None, :]).to(tl.float32)  # [AB, BY*KBY]
-            drpb += tl.dot(jy, g, input_precision=BIN_PREC)
+            tl.store(DSNB + ((ds_row + dy) * W + qx) * KW + dx, ds.to(DSNB.dtype.element_ty), mask=nb & ds_keep)
 
     tl.store(_tile_ptrs(DQ, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_valid[:, None] & d_mask[None, :])
-    if RPB_GRAD:
-        offs_a = tl.arange(0, AB)
-        tl.store(PARTIAL + pid.to(tl.int64) * (AB * AB) + offs_a[:, None] * AB + offs_a[None, :], drpb)
 
 
 @triton.jit
@@ -350,14 +336,13 @@ def _p2(n: int) -> int:
 
 
 def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, int], head_dim: int,
-                 has_rpb: bool, itemsize: int = 2) -> Tiles:
+                 itemsize: int = 2) -> Tiles:
     """Tile shapes of ``kernel`` ("fwd", "dq", "dkdv") on sub-grids of ``sub_h x sub_w``.
 
     8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked
     blocks: 4 x 16 (forward) or 2 x 16 (backward) for head_dim <= 32 on sub-grids wider than one tile;
     4 x 8 for sub-grids of one tile (NAT's 7x7 stage, DiNAT's dilated stages) and for larger heads,
-    where 16-wide blocks score too many keys outside a k >= 13 rectangle; the dq kernel's d_rpb
-    binning keeps every tl.dot dimension >= 16 (BY * KBY, BX * KBX). Chosen from the H200 sweep in
+    where 16-wide blocks score too many keys outside a k >= 13 rectangle. Chosen from the H200 sweep in
     benchmarks/NOTES_na2d.md (``python -m benchmarks.na2d_tune sweep``).
     """
     by, bx = min(8, _p2(sub_h)), min(8, _p2(sub_w))
@@ -368,8 +353,6 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
         kby, kbx, stages = (4, 8, 3) if one_tile else (2, 16, 3) if head_dim <= 32 else (8, 8, 3)
     else:
         kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (2, 16, 3)
-    if kernel == "dq" and has_rpb:
-        kby, kbx = max(kby, 16 // by), max(kbx, 16 // bx)
     # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) in shared memory: cap
     # them so that wide float32 heads fit (3 stages of 8 x 8 x 128 fp32 pairs exceed an H100/H200 block's)
     walked_pair = 2 * kby * kbx * max(16, _p2(head_dim)) * itemsize
@@ -396,7 +379,7 @@ def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: 
     bound on small maps)."""
     B, H, W, N, D = shape
     sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])  # residue 0 has the longest sub-grid
-    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, rpb_grad if kernel == "dq" else has_rpb, dtype.itemsize)
+    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, dtype.itemsize)
     tiles_y, tiles_x = -(-sub_h // t.BY), -(-sub_w // t.BX)
     walked = dict(QBY=t.KBY, QBX=t.KBX) if kernel == "dkdv" else dict(KBY=t.KBY, KBX=t.KBX)
     prec = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
@@ -405,16 +388,28 @@ def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: 
                 TBL=_p2((2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)), HAS_RPB=has_rpb, DOT_PREC=prec,
                 num_warps=t.num_warps, num_stages=t.num_stages)
     if kernel == "dq":
-        # binning: dS in the input dtype; fp32 inputs take tf32x3 (the ieee FMA path measured wrong dq on an
-        # H200 at dilation 8), and the second, fp32 product always does
-        meta.update(AB=_ab(kernel_size), RPB_GRAD=rpb_grad, BIN_PREC="tf32x3",
-                    BIN1_PREC="tf32x3" if dtype == torch.float32 else prec)
+        meta.update(RPB_GRAD=rpb_grad)
     return _Plan((B * N * dilation[0] * dilation[1] * tiles_y * tiles_x,), meta)
 
 
-def _ab(kernel_size: tuple[int, int]) -> int:
-    """Side of the d_rpb partial tile: the table's larger side, padded to a power of two >= 16 (tl.dot)."""
-    return _p2(max(2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1, 16))
+@functools.lru_cache(maxsize=64)
+def rpb_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot matrices that bin window-layout dS into the bias table: ``(my [2kh-1, H*kh], mx [W*kw, 2kw-1])``
+    with ``d_rpb[h] = my @ dS[h].view(H*kh, W*kw) @ mx``.
+
+    The pair (query row y, window row offset dy) holds table row ``ws(y) - y/dh + dy + kh - 1`` (``ws`` the
+    window start on y's dilation sub-grid, in sub-grid units); columns alike.
+    """
+    def axis(n: int, ks: int, dil: int) -> torch.Tensor:
+        pos = torch.arange(n)
+        p, r = pos // dil, pos % dil
+        sub = (n - r + dil - 1) // dil
+        start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
+        table_row = (start - p + ks - 1)[:, None] + torch.arange(ks)[None, :]  # [n, ks] in [0, 2ks-2]
+        return torch.nn.functional.one_hot(table_row.reshape(-1), 2 * ks - 1).to(device, torch.float32)
+
+    return (axis(H, kernel_size[0], dilation[0]).T.contiguous(), axis(W, kernel_size[1], dilation[1]))
 
 
 def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
@@ -439,7 +434,7 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   scale: float, rpb_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fused backward in two launches: ``(dq, dk, dv, drpb)``, drpb (float32) None unless ``rpb_grad``.
 
-    d_rpb is the sum of per-program partials in a fixed order, so it is bit-identical across runs.
+    d_rpb is a batch sum and two one-hot products of the window-layout dS, so it is bit-identical across runs.
     """
     q, k, v = _prep(q), _prep(k), _prep(v)
     dout = dout.contiguous()
@@ -448,22 +443,20 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     key = (tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, rpb_grad,
            torch.backends.cuda.matmul.allow_tf32)
     p_dq, p_dkdv = _plan("dq", *key), _plan("dkdv", *key)
-    ab = p_dq.meta["AB"]
     # three allocations: outputs of a custom op may not alias each other
     dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    n_partial = p_dq.grid[0] * ab * ab if rpb_grad else 0
-    scratch = torch.empty(lse.numel() + n_partial, dtype=torch.float32, device=q.device)
-    delta, partial = scratch[:lse.numel()], scratch[lse.numel():]  # delta [B, heads, H, W]; d_rpb partials
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    kh, kw = kernel_size
+    # dS at each score's window offset (input dtype, as dS enters dq's product); every entry is written
+    dsnb = torch.empty((B, N, H, kh, W, kw), dtype=q.dtype, device=q.device) if rpb_grad else q
     rpb_t = q if rpb is None else rpb.contiguous()
     strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb_t.stride(0))
-    _DQ(p_dq.grid, q, k, v, rpb_t, out, dout, lse, delta, dq, partial, *strides, H, W, scale * LOG2E, scale,
+    _DQ(p_dq.grid, q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * LOG2E, scale,
         **p_dq.meta)
     _DKDV(p_dkdv.grid, q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale,
           **p_dkdv.meta)
     if not rpb_grad:
         return dq, dk, dv, None
-    kh, kw = 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1
-    # fixed-order reduction (deterministic) of the table's part of the partials: one launch, contiguous
-    # output like the table (and the custom op's fake kernel)
-    drpb = partial.view(B, N, -1, ab, ab)[..., :kh, :kw].sum((0, 2))
-    return dq, dk, dv, drpb.contiguous()
+    # fixed-order reductions (deterministic): the batch sum, then the binning by relative offset
+    my, mx = rpb_binning(H, W, kernel_size, dilation, q.device)
+    return dq, dk, dv, my @ dsnb.sum(0, dtype=torch.float32).view(N, H * kh, W * kw) @ mx
