@@ -201,6 +201,17 @@ def test_triton_deterministic_rpb_grad():
     assert_rel_l2(first, torch.autograd.grad(ref, ref_leaves[3], dout.double())[0])
 
 
+@pytest.mark.triton_interpret
+def test_triton_backward_tiles_of_mid_size_maps():
+    """Sub-grids of 17-32 points per side take 4 x 8 walked blocks in both backward kernels (the random cases'
+    maps are smaller): every gradient against the float64 reference, bias included."""
+    from attnzoo.kernels import na2d_triton as T
+
+    assert (T.choose_tiles("dq", 20, 22, (5, 3), 16).KBX, T.choose_tiles("dkdv", 20, 22, (5, 3), 16).KBX) == (8, 8)
+    _check_triton_vs_reference(dict(B=1, H=20, W=22, N=1, D=16, kernel_size=(5, 3), dilation=(1, 1), with_rpb=True,
+                                    rpb_grad=True, dtype=torch.float32), "cpu")
+
+
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [8, 32, 64, 96, 128])

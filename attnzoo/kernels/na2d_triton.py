@@ -342,17 +342,19 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
     8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked
     blocks: 4 x 16 (forward) or 2 x 16 (backward) for head_dim <= 32 on sub-grids wider than one tile;
     4 x 8 for sub-grids of one tile (NAT's 7x7 stage, DiNAT's dilated stages) and for larger heads,
-    where 16-wide blocks score too many keys outside a k >= 13 rectangle. Chosen from the H200 sweep in
+    where 16-wide blocks score too many keys outside a k >= 13 rectangle; the backward kernels also take
+    4 x 8 on sub-grids of 17-32 points per side (NAT's 28x28 stage). Chosen from the H200 sweeps in
     benchmarks/NOTES_na2d.md (``python -m benchmarks.na2d_tune sweep``).
     """
     by, bx = min(8, _p2(sub_h)), min(8, _p2(sub_w))
     one_tile = sub_h <= 8 and sub_w <= 8
+    mid = 16 < max(sub_h, sub_w) <= 32
     if kernel == "fwd":
         kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (4, 16, 2)
     elif kernel == "dq":
-        kby, kbx, stages = (4, 8, 3) if one_tile else (2, 16, 3) if head_dim <= 32 else (8, 8, 3)
+        kby, kbx, stages = (4, 8, 3) if one_tile else (8, 8, 3) if head_dim > 32 else (4, 8, 3) if mid else (2, 16, 3)
     else:
-        kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (2, 16, 3)
+        kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 or mid else (2, 16, 3)
     # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) in shared memory: cap
     # them so that wide float32 heads fit (3 stages of 8 x 8 x 128 fp32 pairs exceed an H100/H200 block's)
     walked_pair = 2 * kby * kbx * max(16, _p2(head_dim)) * itemsize
