@@ -67,12 +67,14 @@ def _tiles(kernel, t):
         T._plan.cache_clear()
 
 
-def _runner(case, kernel, t):
-    """A closure that launches ``kernel`` of ``case`` with tiles ``t`` (inputs prepared once)."""
+def _runner(case, kernel, t, with_rpb=True):
+    """A closure that launches ``kernel`` of ``case`` with tiles ``t`` (inputs prepared once), with a learned
+    bias (its gradient included) or without one."""
     from attnzoo.kernels import na2d_triton as T
 
     _, B, H, W, N, D, k, d = case
     q, kk, v, rpb = _inputs(case)
+    rpb = rpb if with_rpb else None
     scale = D ** -0.5
     out, lse = T.na2d_forward(q, kk, v, rpb, (k, k), (d, d), scale)
     dout = torch.randn_like(out)
@@ -88,9 +90,9 @@ def _runner(case, kernel, t):
 def _compile_job(job) -> str:
     from attnzoo.kernels import na2d_triton as T
 
-    ci, kernel, cand = job
+    ci, kernel, cand, with_rpb = job
     try:
-        _runner(CASES[ci], kernel, T.Tiles(*cand))()
+        _runner(CASES[ci], kernel, T.Tiles(*cand), with_rpb)()
         torch.cuda.synchronize()
         return "ok"
     except Exception as e:  # out of resources: reported by the timing pass
@@ -132,24 +134,24 @@ def check() -> list[dict]:
     return rows
 
 
-def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None) -> list[dict]:
+def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True) -> list[dict]:
     from attnzoo.kernels import na2d_triton as T
 
-    work = [(ci, kernel, cand) for ci, case in enumerate(CASES) for kernel in kernels for cand in CANDIDATES
+    work = [(ci, kernel, cand, with_rpb) for ci, case in enumerate(CASES) for kernel in kernels for cand in CANDIDATES
             if (cases is None or case[0] in cases) and _valid(case, T.Tiles(*cand))]
     with mp.get_context("spawn").Pool(jobs) as pool:
         status = pool.map(_compile_job, work, chunksize=1)
     if compile_only:
         return []
     rows = []
-    for (ci, kernel, cand), st in zip(work, status):
+    for (ci, kernel, cand, _), st in zip(work, status):
         case, t = CASES[ci], T.Tiles(*cand)
-        row = dict(case=case[0], kernel=kernel, tiles="{}x{}/{}x{} w{} s{}".format(*cand))
+        row = dict(case=case[0], kernel=kernel, tiles="{}x{}/{}x{} w{} s{}".format(*cand), rpb=with_rpb)
         if st != "ok":
             rows.append(dict(row, error=st))
             continue
         try:
-            times = kernel_times_ms(_runner(case, kernel, t))
+            times = kernel_times_ms(_runner(case, kernel, t, with_rpb))
             row["ms"] = sum(ms for name, ms in times.items() if KERNEL_NAMES[kernel] in name)
         except Exception as e:
             row["error"] = type(e).__name__
@@ -283,6 +285,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="compile/sweep: kernels")
     ap.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="compile/sweep: cases (default all)")
+    ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
     if args.what == "host":
@@ -299,9 +302,11 @@ def main() -> None:
             report.add(**row)
     else:
         report = Report("na2d_tune", "na2d Triton kernels: tile sweep",
-                        notes="device time of one kernel per call (torch.profiler, mean of 20 calls), bf16, with rpb "
-                              "(dq includes delta and the window-layout dS for d_rpb).")
-        for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases):
+                        notes="device time of one kernel per call (torch.profiler, mean of 20 calls), bf16; rpb: "
+                              "with a learned bias (dq then includes the window-layout dS for d_rpb) or without one; "
+                              "dq always includes delta.")
+        for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases,
+                         with_rpb=not args.no_rpb):
             report.add(**row)
         if args.what == "compile":
             return
