@@ -1,6 +1,7 @@
 """Benchmark tools on CPU: tools/benchmark.py in --quick mode (model, scaling and report paths end to end) and
 benchmarks.saved_memory."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,16 @@ def test_finetune_runs_spread_over_gpus_and_time_out(tmp_path, monkeypatch):
     bench.run_all(slow, tmp_path, [], gpus=0, per_gpu=1, timeout=1.0)
     assert bench.time.monotonic() - t0 < 10 and slow[0].proc.returncode == -15
     assert bench.result(slow[0], tmp_path)["error"] == "stopped by --run-timeout 1 s"
+
+
+def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
+    """benchmarks.na2d_sass compiles the kernels for sm_90 with Triton's ptxas (a process without the interpreter)
+    and reads their resource usage; the dq kernel's d_rpb stores must show up as more stores and registers."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    subprocess.run([sys.executable, "-m", "benchmarks.na2d_sass", "--cases", "nat7", "--out", str(tmp_path)], cwd=ROOT,
+                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads((tmp_path / "na2d_sass.json").read_text())
+    rows = {(r["kernel"], r["rpb"], r["grad"]): r for r in report["rows"]}
+    assert len(rows) == 7 and all(r["hgmma"] > 0 and 0 < r["registers"] <= 255 for r in rows.values()), rows
+    with_grad, without = rows[("dq", True, True)], rows[("dq", True, False)]
+    assert with_grad["stg"] > without["stg"] and with_grad["registers"] > without["registers"], rows
