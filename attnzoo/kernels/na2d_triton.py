@@ -352,7 +352,10 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
     if kernel == "fwd":
         kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (4, 16, 2)
     elif kernel == "dq":
-        kby, kbx, stages = (4, 8, 3) if one_tile else (8, 8, 3) if head_dim > 32 else (4, 8, 3) if mid else (2, 16, 3)
+        if one_tile or (mid and head_dim <= 32):
+            kby, kbx, stages = 4, 8, 3
+        else:
+            kby, kbx, stages = (2, 16, 3) if head_dim <= 32 else (8, 8, 3)
     else:
         kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 or mid else (2, 16, 3)
     # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) in shared memory: cap
@@ -434,7 +437,8 @@ def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.T
 def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
                   out: torch.Tensor, lse: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
                   scale: float, rpb_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fused backward in two launches: ``(dq, dk, dv, drpb)``, drpb (float32) None unless ``rpb_grad``.
+    """Fused backward in two kernel launches: ``(dq, dk, dv, drpb)``, drpb (float32) None unless ``rpb_grad``
+    (then a batch sum and two small matmuls follow).
 
     d_rpb is a batch sum and two one-hot products of the window-layout dS, so it is bit-identical across runs.
     """
