@@ -242,9 +242,16 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--drop-path-rate", type=float, default=None,
                    help="stochastic depth for every model and peer (default: each model's own; e.g. davit_t "
                         "defaults to the official 0.1, timm's davit_tiny to 0.0)")
+    p.add_argument("--na2d-opaque", action="store_true",
+                   help="the baseline registration of na2d under torch.compile: an opaque custom op "
+                        "(benchmarks/na2d_opaque.py) instead of the shipped triton_op")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default=None, help="result file name (default: models or models_quick)")
     a = p.parse_args(argv)
+    if a.na2d_opaque:
+        from benchmarks import na2d_opaque
+
+        na2d_opaque.install()
     if a.models:
         cases = [Case(m, "-", b, kwargs=a.kwargs, compile=c, reduce_overhead=c and a.reduce_overhead)
                  for m in a.models for b in a.backends

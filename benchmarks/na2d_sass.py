@@ -67,7 +67,7 @@ def compile_stats(kernel: str, meta: dict, num_warps: int, num_stages: int) -> d
 
 def _plan(case, kernel: str, rpb: bool, grad: bool):
     name, H, W, N, D, k, d = case
-    key = ((128, H, W, N, D), torch.bfloat16, (k, k), (d, d), rpb, grad, False)
+    key = ((H, W, N, D), torch.bfloat16, (k, k), (d, d), rpb, grad, False)
     return T._plan(kernel, *key) if kernel != "fwd" else T._plan("fwd", *key[:5], False, False)
 
 

@@ -135,10 +135,11 @@ def check() -> list[dict]:
     return rows
 
 
-def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True) -> list[dict]:
+def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True, walked=None) -> list[dict]:
     from attnzoo.kernels import na2d_triton as T
 
-    work = [(ci, kernel, cand, with_rpb) for ci, case in enumerate(CASES) for kernel in kernels for cand in CANDIDATES
+    cands = [c for c in CANDIDATES if walked is None or (c[:2] == (8, 8) and c[4] == 4 and f"{c[2]}x{c[3]}" in walked)]
+    work = [(ci, kernel, cand, with_rpb) for ci, case in enumerate(CASES) for kernel in kernels for cand in cands
             if (cases is None or case[0] in cases) and _valid(case, T.Tiles(*cand))]
     with mp.get_context("spawn").Pool(jobs) as pool:
         status = pool.map(_compile_job, work, chunksize=1)
@@ -229,7 +230,7 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
     ks, dil = (k, k), (d, d)
     out, lse = T.na2d_forward(q, kk, v, rpb, ks, dil, scale)
     B, H, W, N, D = q.shape
-    key = (tuple(q.shape), q.dtype, ks, dil, True, True, False)
+    key = (tuple(q.shape[1:]), q.dtype, ks, dil, True, True, False)
     p_fwd, p_dq, p_dkdv = T._plan("fwd", *key[:5], False, False), T._plan("dq", *key), T._plan("dkdv", *key)
     delta = torch.empty_like(lse)
     dsnb = torch.empty((B, N, H, k, W, k), dtype=q.dtype, device=q.device)
@@ -247,18 +248,18 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
 
     qg = q.detach().requires_grad_()
     pieces = {
-        "launch fwd kernel, JIT": lambda: T._na2d_fwd_kernel[p_fwd.grid](
+        "launch fwd kernel, JIT": lambda: T._na2d_fwd_kernel[p_fwd.grid(B)](
             q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4],
             rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
-        "launch dq kernel, JIT": lambda: T._na2d_bwd_dq_kernel[p_dq.grid](
+        "launch dq kernel, JIT": lambda: T._na2d_bwd_dq_kernel[p_dq.grid(B)](
             q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
-        "launch dkdv kernel, JIT": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid](
+        "launch dkdv kernel, JIT": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid(B)](
             q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
         "launch fwd kernel, Launcher (cached)": lambda: T._FWD(
-            p_fwd.grid, q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4],
+            p_fwd.grid(B), q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4],
             *out.stride()[:4], rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
         "launch dq kernel, Launcher (cached)": lambda: T._DQ(
-            p_dq.grid, q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale,
+            p_dq.grid(B), q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale,
             **p_dq.meta),
         "na2d_forward (host fn)": lambda: T.na2d_forward(q, kk, v, rpb, ks, dil, scale),
         "na2d_backward (host fn)": lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, ks, dil, scale, True),
@@ -286,6 +287,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="compile/sweep: kernels")
     ap.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="compile/sweep: cases (default all)")
+    ap.add_argument("--walked", nargs="+", metavar="KBYxKBX",
+                    help="compile/sweep: only the candidates with 8x8 owned tiles, 4 warps and these walked blocks")
     ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
@@ -307,7 +310,7 @@ def main() -> None:
                               "with a learned bias (dq then includes the window-layout dS for d_rpb) or without one; "
                               "dq always includes delta.")
         for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases,
-                         with_rpb=not args.no_rpb):
+                         with_rpb=not args.no_rpb, walked=args.walked):
             report.add(**row)
         if args.what == "compile":
             return

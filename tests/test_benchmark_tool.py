@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,3 +120,26 @@ def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
     assert len(rows) == 7 and all(r["hgmma"] > 0 and 0 < r["registers"] <= 255 for r in rows.values()), rows
     with_grad, without = rows[("dq", True, True)], rows[("dq", True, False)]
     assert with_grad["stg"] > without["stg"] and with_grad["registers"] > without["registers"], rows
+
+
+def test_na2d_opaque_baseline_routes_compiled_calls_through_its_own_op(monkeypatch):
+    """benchmarks.na2d_opaque (the compiled-model baseline) swaps the registration that torch.compile sees and keeps
+    the numbers."""
+    import importlib
+
+    from attnzoo.kernels import na2d
+    from benchmarks import na2d_opaque
+
+    mod = importlib.import_module("attnzoo.kernels.na2d")
+    monkeypatch.setattr(mod, "_na2d_triton", mod._na2d_triton)  # restored after the test
+    na2d_opaque.install()
+    graphs = []
+
+    def backend(gm, _):
+        graphs.append(gm.code)
+        return gm.forward
+
+    q, k, v = (torch.randn(1, 9, 10, 2, 16) for _ in range(3))
+    out = torch.compile(lambda q, k, v: na2d(q, k, v, 3, backend="triton"), fullgraph=True, backend=backend)(q, k, v)
+    assert "attnzoo.na2d_opaque_fwd" in graphs[0]
+    assert torch.allclose(out, na2d(q, k, v, 3, backend="reference"), atol=1e-5)

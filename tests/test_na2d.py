@@ -334,6 +334,45 @@ def test_triton_input_errors(shape, dtype, match):
         na2d(*_qkv(shape, dtype), 3, backend="triton")
 
 
+_TRACE_SCRIPT = """
+import importlib
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from attnzoo.kernels import na2d_triton as T
+op = importlib.import_module("attnzoo.kernels.na2d")
+
+def step(q, k, v, rpb, dout):
+    out, lse = T.na2d_forward(q, k, v, rpb, (7, 5), (2, 3), 0.2)
+    return T.na2d_backward(dout, q, k, v, rpb, out, lse, (7, 5), (2, 3), 0.2, True)
+
+qkv = [torch.empty(3, 30, 31, 2, 32, dtype=torch.bfloat16, device="meta") for _ in range(4)]
+gm = make_fx(step, tracing_mode="symbolic")(*qkv[:3], torch.empty(2, 13, 9, device="meta"), qkv[3])
+launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+print("inductor_launches", op._na2d_triton.inductor_launches)
+print("launches", len(launches))
+print("symbolic_grids", sum(isinstance(n.kwargs["grid"][0][0], torch.fx.Node) for n in launches))
+print("binning_cache", T.rpb_binning.cache_info().currsize)
+"""
+
+
+def test_compiled_registration_traces_to_kernel_launches(tmp_path):
+    """What Inductor sees of the compiled na2d ops (triton_op), traced on CPU with symbolic shapes: the forward and
+    the backward become three kernel launches whose grids stay symbolic in the batch size, and the bias-gradient
+    binning is built in the graph, not taken from (or left in) the per-device cache. Needs compiled kernels, so a
+    process without Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
+    assert got == {"inductor_launches": "True", "launches": "3", "symbolic_grids": "3", "binning_cache": "0"}, got
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: bf16/fp16/fp32 on real shapes, against a float64 reference (`make test-gpu`).
 # ------------------------------------------------------------------------------------------------
@@ -410,3 +449,34 @@ def test_gpu_cached_launches_and_unaligned_views_match():
     assert all(torch.equal(a, b) for a, b in zip(third, fourth))
     for a, b in zip(first, third):
         assert_rel_l2(b.float(), a.float(), 1e-2)  # a wrong specialization would read garbage
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_launches_kernels_itself():
+    """Under torch.compile the na2d ops are triton_ops: Inductor traces them and launches the three kernels from
+    its own code (no opaque ``attnzoo.na2d_*`` call left), with the batch size symbolic (a third batch size does
+    not recompile), and gives eager's numbers."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), fullgraph=True)
+
+    def step(f, q, k, v, rpb, dout):
+        out = f(q, k, v, rpb)
+        out.backward(dout)
+        return out, q.grad, k.grad, v.grad, rpb.grad
+
+    for i, batch in enumerate((2, 3, 5)):
+        eager_in = _inputs(batch, 28, 28, 2, 32, (7, 7), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        comp_in = [t.detach().clone().requires_grad_() for t in eager_in]
+        dout = torch.randn_like(eager_in[0])
+        with torch._dynamo.config.patch(error_on_recompile=i == 2):
+            got, code = run_and_get_code(step, fn, *comp_in, dout)
+        want = step(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), *eager_in, dout)
+        for name, g, w in zip(("out", "dq", "dk", "dv", "drpb"), got, want):
+            assert_rel_l2(g.float(), w.float(), 1e-2 if name == "drpb" else 1e-6)
+        if i == 0:
+            code = "\n".join(code)
+            for kernel in ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel"):
+                assert kernel in code, kernel
+            assert "attnzoo.na2d" not in code

@@ -20,6 +20,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "triton", "dense", "reference")
@@ -144,6 +145,9 @@ class Launcher:
     """``Launcher(jit_fn)(grid, *args, **constexprs)``: ``jit_fn[grid](*args, **constexprs)`` without the
     JIT's per-call argument binding once a call of the same specialization has compiled.
 
+    Called on traced tensors (torch.compile tracing a :class:`FusedOp` built with ``inductor_launches``) it
+    records the launch through ``torch.library.wrap_triton``, so that Inductor launches the kernel itself.
+
     ``JITFunction.run`` binds and specializes every argument on every call, host time that bounds small
     maps (these kernels take ~40 arguments). A later call whose key matches an earlier one's launches that
     call's compiled kernel directly, as Inductor's static launcher does. The key is a superset of what
@@ -168,6 +172,9 @@ class Launcher:
         return a  # int, float, bool, None: by value (positional constexprs too)
 
     def __call__(self, grid: tuple[int, ...], *args: object, **meta: object) -> None:
+        if is_fake(args[0]):  # every kernel's first argument is a tensor
+            torch.library.wrap_triton(self.fn)[grid](*args, **meta)
+            return
         key = (torch.cuda.current_device() if not triton_interpret_enabled() else -1,
                *map(self._spec, args), *meta.items())
         compiled = self.compiled.get(key)
@@ -195,16 +202,28 @@ class FusedOp:
     ``list[int]``, ...); ``backward`` returns an empty tensor for an input whose gradient is not needed.
     The first ``n_tensors`` arguments are tensor inputs (``None`` allowed), the rest configuration.
     Calling the op runs the eager ``autograd.Function`` (or the bare forward when nothing needs a
-    gradient) and, under ``torch.compile``, the ``attnzoo::<name>_fwd`` / ``_bwd`` custom ops.
+    gradient) and, under ``torch.compile``, the ``attnzoo::<name>_fwd`` / ``_bwd`` ops.
+
+    With ``inductor_launches`` (and compiled kernels, not Triton's interpreter) those are
+    ``torch.library.triton_op`` ops: Inductor traces ``forward``/``backward`` (which must then be traceable
+    with fake tensors: no data-dependent host code, no caches of tensors), launches the kernels from its
+    own generated code and compiles the torch ops around them, instead of calling an opaque custom op
+    whose host code runs on every step. Otherwise they are ``torch.library.custom_op`` ops with the fake
+    kernels given.
     """
 
     def __init__(self, name: str, n_tensors: int, forward: Callable, backward: Callable,
-                 fake_forward: Callable, fake_backward: Callable):
+                 fake_forward: Callable, fake_backward: Callable, *, inductor_launches: bool = False):
         self.name, self.n_tensors, self.forward, self.backward = name, n_tensors, forward, backward
-        self.fwd_op = torch.library.custom_op(f"attnzoo::{name}_fwd", forward, mutates_args=())
-        self.fwd_op.register_fake(fake_forward)
-        self.bwd_op = torch.library.custom_op(f"attnzoo::{name}_bwd", backward, mutates_args=())
-        self.bwd_op.register_fake(fake_backward)
+        self.inductor_launches = inductor_launches and HAS_TRITON and not triton_interpret_enabled()
+        if self.inductor_launches:
+            self.fwd_op = torch.library.triton_op(f"attnzoo::{name}_fwd", forward, mutates_args=())
+            self.bwd_op = torch.library.triton_op(f"attnzoo::{name}_bwd", backward, mutates_args=())
+        else:
+            self.fwd_op = torch.library.custom_op(f"attnzoo::{name}_fwd", forward, mutates_args=())
+            self.fwd_op.register_fake(fake_forward)
+            self.bwd_op = torch.library.custom_op(f"attnzoo::{name}_bwd", backward, mutates_args=())
+            self.bwd_op.register_fake(fake_backward)
         self.fwd_op.register_autograd(self._compiled_backward, setup_context=self._setup_context)
         self.function = type(f"{name}_function", (torch.autograd.Function,), dict(
             forward=staticmethod(self._eager_forward),

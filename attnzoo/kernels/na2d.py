@@ -88,7 +88,7 @@ def _fake_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, scale, n
     return (*(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)), drpb)
 
 
-_na2d_triton = _op.FusedOp("na2d", 4, _forward, _backward, _fake_forward, _fake_backward)
+_na2d_triton = _op.FusedOp("na2d", 4, _forward, _backward, _fake_forward, _fake_backward, inductor_launches=True)
 
 
 def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: IntPair, dilation: IntPair = 1,

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torch._subclasses.fake_tensor import is_fake
+
 from attnzoo.kernels._op import Launcher
 
 LOG2E = math.log2(math.e)
@@ -372,17 +374,22 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Plan:
-    """One kernel's launch for one problem: grid size, constexprs and launch settings."""
-    grid: tuple[int]
+    """One kernel's launch for one problem: programs per batch element, constexprs and launch settings."""
+    per_batch: int
     meta: dict
+
+    def grid(self, batch) -> tuple:
+        """The launch grid for ``batch`` images (an int, or a symbolic size while torch.compile traces)."""
+        return (batch * self.per_batch,)
 
 
 @functools.lru_cache(maxsize=512)
-def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: tuple[int, int],
+def _plan(kernel: str, map_shape: tuple[int, int, int, int], dtype: torch.dtype, kernel_size: tuple[int, int],
           dilation: tuple[int, int], has_rpb: bool, rpb_grad: bool, tf32: bool) -> _Plan:
-    """Everything about a launch that depends only on the problem, computed once (host time is the
-    bound on small maps)."""
-    B, H, W, N, D = shape
+    """Everything about a launch that depends only on the problem's ``(H, W, heads, head_dim)``, computed once
+    (host time is the bound on small maps). The batch size stays out of the key, so that a compiled model
+    keeps it symbolic."""
+    H, W, N, D = map_shape
     sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])  # residue 0 has the longest sub-grid
     t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, dtype.itemsize)
     tiles_y, tiles_x = -(-sub_h // t.BY), -(-sub_w // t.BX)
@@ -394,7 +401,26 @@ def _plan(kernel: str, shape: tuple[int, ...], dtype: torch.dtype, kernel_size: 
                 num_warps=t.num_warps, num_stages=t.num_stages)
     if kernel == "dq":
         meta.update(RPB_GRAD=rpb_grad)
-    return _Plan((B * N * dilation[0] * dilation[1] * tiles_y * tiles_x,), meta)
+    return _Plan(N * dilation[0] * dilation[1] * tiles_y * tiles_x, meta)
+
+
+def _map_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(H, W, heads, head_dim)`` as ints: the kernels' tiling is specialised on them (a compiled model
+    guards on them); only the batch size may stay symbolic."""
+    return tuple(int(n) for n in q.shape[1:])
+
+
+def _binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def axis(n: int, ks: int, dil: int) -> torch.Tensor:
+        pos = torch.arange(n, device=device)
+        p, r = pos // dil, pos % dil
+        sub = (n - r + dil - 1) // dil
+        start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
+        table_row = (start - p + ks - 1)[:, None] + torch.arange(ks, device=device)[None, :]  # [n, ks] in [0, 2ks-2]
+        return torch.nn.functional.one_hot(table_row.reshape(-1), 2 * ks - 1).to(torch.float32)
+
+    return (axis(H, kernel_size[0], dilation[0]).T.contiguous(), axis(W, kernel_size[1], dilation[1]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -404,17 +430,11 @@ def rpb_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[in
     with ``d_rpb[h] = my @ dS[h].view(H*kh, W*kw) @ mx``.
 
     The pair (query row y, window row offset dy) holds table row ``ws(y) - y/dh + dy + kh - 1`` (``ws`` the
-    window start on y's dilation sub-grid, in sub-grid units); columns alike.
+    window start on y's dilation sub-grid, in sub-grid units); columns alike. Cached per device; while
+    torch.compile traces the backward they are built in the graph instead (a cache must not keep traced
+    tensors).
     """
-    def axis(n: int, ks: int, dil: int) -> torch.Tensor:
-        pos = torch.arange(n)
-        p, r = pos // dil, pos % dil
-        sub = (n - r + dil - 1) // dil
-        start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
-        table_row = (start - p + ks - 1)[:, None] + torch.arange(ks)[None, :]  # [n, ks] in [0, 2ks-2]
-        return torch.nn.functional.one_hot(table_row.reshape(-1), 2 * ks - 1).to(device, torch.float32)
-
-    return (axis(H, kernel_size[0], dilation[0]).T.contiguous(), axis(W, kernel_size[1], dilation[1]))
+    return _binning(H, W, kernel_size, dilation, device)
 
 
 def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
@@ -425,10 +445,10 @@ def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.T
     B, H, W, N, D = shape = q.shape
     out = torch.empty(shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, N, H, W), dtype=torch.float32, device=q.device)
-    plan = _plan("fwd", tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, False,
+    plan = _plan("fwd", _map_shape(q), q.dtype, kernel_size, dilation, rpb is not None, False,
                  torch.backends.cuda.matmul.allow_tf32)
     rpb = q if rpb is None else rpb.contiguous()  # never read without HAS_RPB
-    _FWD(plan.grid,
+    _FWD(plan.grid(B),
          q, k, v, rpb, out, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0),
          H, W, scale * LOG2E, **plan.meta)
     return out, lse
@@ -446,7 +466,7 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dout = dout.contiguous()
     B, H, W, N, D = shape = q.shape
     rpb_grad = rpb_grad and rpb is not None
-    key = (tuple(shape), q.dtype, kernel_size, dilation, rpb is not None, rpb_grad,
+    key = (_map_shape(q), q.dtype, kernel_size, dilation, rpb is not None, rpb_grad,
            torch.backends.cuda.matmul.allow_tf32)
     p_dq, p_dkdv = _plan("dq", *key), _plan("dkdv", *key)
     # three allocations: outputs of a custom op may not alias each other
@@ -457,12 +477,12 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dsnb = torch.empty((B, N, H, kh, W, kw), dtype=q.dtype, device=q.device) if rpb_grad else q
     rpb_t = q if rpb is None else rpb.contiguous()
     strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb_t.stride(0))
-    _DQ(p_dq.grid, q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * LOG2E, scale,
+    _DQ(p_dq.grid(B), q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * LOG2E, scale,
         **p_dq.meta)
-    _DKDV(p_dkdv.grid, q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale,
+    _DKDV(p_dkdv.grid(B), q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale,
           **p_dkdv.meta)
     if not rpb_grad:
         return dq, dk, dv, None
     # fixed-order reductions (deterministic): the batch sum, then the binning by relative offset
-    my, mx = rpb_binning(H, W, kernel_size, dilation, q.device)
+    my, mx = (_binning if is_fake(q) else rpb_binning)(H, W, kernel_size, dilation, q.device)
     return dq, dk, dv, my @ dsnb.sum(0, dtype=torch.float32).view(N, H * kh, W * kw) @ mx
