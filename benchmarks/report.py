@@ -26,7 +26,8 @@ SECTIONS = [("Kernels", KERNEL_RESULTS),
             ("Deploy", ["onnx_latency", "compile_refpath_nat_tiny", "compile_refpath_dinat_tiny",
                         "compile_refpath_biformer_small"]),
             ("Scaling with resolution", ["scaling"]), ("Training loop", ["train_throughput"]),
-            ("Dense prediction", ["dense", "finetune", "finetune_det_lr", "finetune_seg_lr"])]
+            ("Dense prediction", ["dense", "finetune", "finetune_det_lr", "finetune_seg_lr",
+                                  "finetune_seg_iters"])]
 
 
 def _load(results_dir: Path, name: str) -> dict | None:
