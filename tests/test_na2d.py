@@ -474,7 +474,7 @@ def test_gpu_compiled_model_launches_kernels_itself():
             got, code = run_and_get_code(step, fn, *comp_in, dout)
         want = step(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), *eager_in, dout)
         for name, g, w in zip(("out", "dq", "dk", "dv", "drpb"), got, want):
-            assert_rel_l2(g.float(), w.float(), 1e-2 if name == "drpb" else 1e-6)
+            assert_rel_l2(g.float(), w.float(), 1e-2 if name == "drpb" else 1e-4)  # scale rounded via fp64
         if i == 0:
             code = "\n".join(code)
             for kernel in ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel"):

@@ -9,8 +9,9 @@
   which has no real bfloat16 arithmetic: the op computes in float32 there and casts the result back.
 * The dot-precision policy for float32 inputs (PyTorch's TF32 switch for matmuls).
 * :class:`FusedOp`: a Triton forward/backward pair as a plain ``torch.autograd.Function`` for eager
-  calls (no custom-op dispatch on the host path) and as ``torch.library`` custom ops with fake kernels,
-  which ``torch.compile`` sees as single graph nodes.
+  calls (no custom-op dispatch on the host path) and, for ``torch.compile``, as ``torch.library`` ops:
+  triton ops (``torch.library.triton_op``) that Inductor traces and launches itself, or custom ops
+  with fake kernels (single opaque graph nodes).
 """
 from __future__ import annotations
 

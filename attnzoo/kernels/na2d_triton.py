@@ -138,6 +138,7 @@ def _na2d_fwd_kernel(Q, K, V, RPB, O, LSE,
                      KBY: tl.constexpr, KBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
                      HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
     b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -195,6 +196,7 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
     """dq = scale * sum_j dS_ij k_j; also delta (stored for dk/dv) and, for d_rpb, dS in window layout
     (DSNB, ``[B, heads, H, kh, W, kw]`` contiguous). O, DO and DQ share the contiguous output strides (sob..son)."""
     b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -257,6 +259,7 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     """dk, dv for a tile of BY x BX keys over the QBY x QBX query blocks of its inverse neighbourhood,
     keys as rows (s^T = k @ q^T). DO, DK and DV share the contiguous output strides (sob..son)."""
     b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     kpy, kpx, k_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
