@@ -373,6 +373,38 @@ def test_compiled_registration_traces_to_kernel_launches(tmp_path):
     assert got == {"inductor_launches": "True", "launches": "3", "symbolic_grids": "3", "binning_cache": "0"}, got
 
 
+_FP64_SCALE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks import na2d_sass as S
+
+for kernel in ("fwd", "dq", "dkdv"):
+    meta = dict(S._plan(S.CASES[3], kernel, True, kernel == "dq").meta)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    sig, consts = S._signature(S.KERNELS[kernel], meta)
+    sig = {n: "fp64" if n.endswith("scale") else t for n, t in sig.items()}
+    triton.compile(ASTSource(fn=S.KERNELS[kernel], signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options=options)
+print("compiled")
+"""
+
+
+def test_kernels_compile_with_fp64_scales():
+    """A compiled model hands the kernels unspecialised Python floats (the scales) as fp64 scalars; the kernels
+    must still compile (the online-softmax state once turned fp64 inside the key loop and Triton refused it). Compiled
+    for sm_90 by Triton's own toolchain, so no GPU is needed, but not under the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _FP64_SCALE_SCRIPT], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "compiled", res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: bf16/fp16/fp32 on real shapes, against a float64 reference (`make test-gpu`).
 # ------------------------------------------------------------------------------------------------
