@@ -51,7 +51,7 @@ TASKS = {
     "seg": Task("seg", "mmseg", "upernet_*_ade20k-512x512.py", "fashion_seg",
                 ("model", "data_preprocessor", "crop_size", "dataset_type", "data_root", "train_pipeline",
                  "test_pipeline", "train_dataloader", "val_dataloader", "val_evaluator", "train_cfg",
-                 "param_scheduler", "default_hooks"),
+                 "param_scheduler", "default_hooks", "optim_wrapper"),
                 {"mIoU": "mIoU"}, 0.01),
 }
 _MODEL_NAME = re.compile(r"""model_name\s*=\s*['"]([\w.]+)['"]""")

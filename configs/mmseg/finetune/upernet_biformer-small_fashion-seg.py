@@ -18,3 +18,4 @@ test_evaluator = val_evaluator
 train_cfg = _base_.fashion_seg.train_cfg
 param_scheduler = _base_.fashion_seg.param_scheduler
 default_hooks = _base_.fashion_seg.default_hooks
+optim_wrapper = _base_.fashion_seg.optim_wrapper
