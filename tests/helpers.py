@@ -61,3 +61,37 @@ def dense_stack_missing() -> str:
     except ImportError as e:  # mmcv without compiled ops also lands here
         return f"mmdet/mmseg not importable ({e}); `make test` installs the 'dense' extra"
     return ""
+
+
+def check_compiled_launches_kernels(op, make_inputs, batches, kernels: tuple[str, ...], op_name: str,
+                                    tols: tuple[float, ...]) -> None:
+    """``op(*tensors)`` under ``torch.compile(fullgraph=True)`` against eager, forward and backward, for each
+    batch size in ``batches`` (``make_inputs(batch)`` gives the inputs that get gradients): Inductor's
+    generated code launches ``kernels`` itself and holds no ``attnzoo.<op_name>`` op, the last batch size
+    does not recompile (the batch stays symbolic), and output and gradients match eager to ``tols`` (rel L2,
+    one per output then per input)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    fn = torch.compile(op, fullgraph=True)
+
+    def step(f, inputs, dout):
+        out = f(*inputs)
+        out.backward(dout)
+        return (out, *(t.grad for t in inputs))
+
+    for i, batch in enumerate(batches):
+        eager_in = make_inputs(batch)
+        comp_in = [t.detach().clone().requires_grad_() for t in eager_in]
+        dout = torch.randn_like(op(*eager_in))
+        with torch._dynamo.config.patch(error_on_recompile=i == len(batches) - 1):
+            got, code = run_and_get_code(step, fn, comp_in, dout)
+        want = step(op, eager_in, dout)
+        for j, (g, w, tol) in enumerate(zip(got, want, tols, strict=True)):
+            assert_rel_l2(g.float(), w.float(), tol, name=f"batch {batch}, output {j}")
+        if i == 0:
+            code = "\n".join(code)
+            for kernel in kernels:
+                assert kernel in code, kernel
+            assert f"attnzoo.{op_name}" not in code
+

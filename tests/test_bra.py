@@ -8,7 +8,7 @@ import torch
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels.bra_reference import route_regions
-from tests.helpers import TF32_REL_L2_TOL, assert_rel_l2, poison_
+from tests.helpers import TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels, poison_
 
 
 def _qkv(B, H, W, heads, D, Dv, dtype=torch.float64, device="cpu"):
@@ -325,6 +325,23 @@ def test_gpu_compile_inductor():
     q, k, v = _qkv(2, 28, 28, 4, 32, 32, dtype=torch.bfloat16, device="cuda")
     fn = torch.compile(lambda q, k, v: bra(q, k, v, 7, 4), fullgraph=True)
     assert_rel_l2(fn(q, k, v), bra(q.double(), k.double(), v.double(), 7, 4, backend="reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_compiled_model_launches_kernels_itself(deterministic):
+    """Under torch.compile the routed-attention ops are triton_ops: Inductor launches the kernels from its own
+    code (no opaque ``attnzoo.routed_attention_*`` call), routing included in the graph, a third batch size does
+    not recompile, and the numbers are eager's."""
+    def make_inputs(batch):
+        return [t.requires_grad_() for t in _qkv(batch, 28, 28, 4, 32, 32, dtype=torch.bfloat16, device="cuda")]
+
+    kernels = ("_bra_fwd_kernel", "_bra_bwd_dq_kernel") + (("_bra_bwd_dkdv_kernel",) if deterministic else ())
+    # dk/dv with atomics sum in a run-dependent order
+    tols = (1e-4, 1e-4) + ((1e-4, 1e-4) if deterministic else (1e-2, 1e-2))
+    check_compiled_launches_kernels(
+        lambda q, k, v: bra(q, k, v, 7, 4, backend="triton", deterministic=deterministic), make_inputs, (2, 3, 5),
+        kernels, "routed_attention", tols)
 
 
 @pytest.mark.gpu

@@ -243,3 +243,60 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_specialization(monk
     for _ in range(2):
         interpreted((4,), x, 3, 0.5, BLOCK=16)
     assert [c[0] for c in interpreted.fn.calls] == ["jit", "jit"]
+
+
+_TRACE_SCRIPT = """
+import importlib
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from attnzoo.kernels import partitioned_attention_triton as PT
+from attnzoo.kernels.partitioned_attention_reference import relative_index
+bra = importlib.import_module("attnzoo.kernels.bra")
+pa = importlib.import_module("attnzoo.kernels.partitioned_attention")
+
+def bra_step(q, k, v, idx, dout):
+    out, lse = bra._forward(q, k, v, idx, 4, 0.2, True)
+    return bra._backward(dout, q, k, v, idx, out, lse, 4, 0.2, True, [True] * 4)
+
+def pa_step(q, k, v, rpb, dout):
+    out, lse, bias = pa._forward(q, k, v, rpb, 7, 7, False, 3, 3, 0.2)
+    return pa._backward(dout, q, k, v, rpb, out, lse, bias, 7, 7, False, 3, 3, 0.2, [True] * 4)
+
+def report(name, fused, step, q, extra):
+    gm = make_fx(step, tracing_mode="symbolic")(q, q.clone(), q.clone(), extra, q.clone())
+    launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"]
+    batch = val.shape[0].node.expr
+    guards = [g.expr for g in val.fake_mode.shape_env.guards]
+    print(name, fused.inductor_launches, len(launches),
+          sum(isinstance(n.kwargs["grid"][0][0], torch.fx.Node) for n in launches),
+          sum(batch in g.free_symbols for g in guards))
+
+q = torch.empty(3, 8, 12, 2, 32, dtype=torch.bfloat16, device="meta")
+report("bra", bra._bra_triton, bra_step, q, torch.empty(3, 16, 5, dtype=torch.int64, device="meta"))
+q = torch.empty(3, 14, 21, 2, 32, dtype=torch.bfloat16, device="meta")
+report("partitioned_attention", pa._pa_triton, pa_step, q, torch.empty(2, 13, 13, device="meta"))
+print("caches", PT._tile_index.cache_info().currsize + relative_index.cache_info().currsize)
+"""
+
+
+def test_compiled_bra_and_partitioned_attention_trace_to_kernel_launches():
+    """What Inductor sees of the compiled bra and partitioned-attention ops (triton_op), traced on CPU with
+    symbolic shapes: forward + deterministic backward become their kernel launches (bra: forward, dq, dk/dv;
+    partitioned attention: forward, one fused backward) with grids symbolic in the batch size and no guard on
+    it (partitioned attention picks its partitions per backward program from the traced batch size without
+    guarding on it), and the
+    bias-tile index is built in the graph, not cached. Needs compiled kernels: a process without the
+    interpreter, as na2d's test in test_na2d.py."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
+    # name: inductor_launches, launches, symbolic grids, guards on the batch size
+    assert got == {"bra": "True 3 3 0", "partitioned_attention": "True 2 2 0", "caches": "0"}, got

@@ -9,7 +9,7 @@ import torch
 
 from attnzoo.kernels import na2d
 from attnzoo.kernels.na2d_reference import na2d_reference
-from tests.helpers import REL_L2_TOL, TF32_REL_L2_TOL, assert_rel_l2
+from tests.helpers import REL_L2_TOL, TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,27 +488,8 @@ def test_gpu_compiled_model_launches_kernels_itself():
     """Under torch.compile the na2d ops are triton_ops: Inductor traces them and launches the three kernels from
     its own code (no opaque ``attnzoo.na2d_*`` call left), with the batch size symbolic (a third batch size does
     not recompile), and gives eager's numbers."""
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    fn = torch.compile(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), fullgraph=True)
-
-    def step(f, q, k, v, rpb, dout):
-        out = f(q, k, v, rpb)
-        out.backward(dout)
-        return out, q.grad, k.grad, v.grad, rpb.grad
-
-    for i, batch in enumerate((2, 3, 5)):
-        eager_in = _inputs(batch, 28, 28, 2, 32, (7, 7), dtype=torch.bfloat16, device="cuda", requires_grad=True)
-        comp_in = [t.detach().clone().requires_grad_() for t in eager_in]
-        dout = torch.randn_like(eager_in[0])
-        with torch._dynamo.config.patch(error_on_recompile=i == 2):
-            got, code = run_and_get_code(step, fn, *comp_in, dout)
-        want = step(lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb), *eager_in, dout)
-        for name, g, w in zip(("out", "dq", "dk", "dv", "drpb"), got, want):
-            assert_rel_l2(g.float(), w.float(), 1e-2 if name == "drpb" else 1e-4)  # scale rounded via fp64
-        if i == 0:
-            code = "\n".join(code)
-            for kernel in ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel"):
-                assert kernel in code, kernel
-            assert "attnzoo.na2d" not in code
+    check_compiled_launches_kernels(
+        lambda q, k, v, rpb: na2d(q, k, v, 7, 2, rpb),
+        lambda batch: _inputs(batch, 28, 28, 2, 32, (7, 7), dtype=torch.bfloat16, device="cuda", requires_grad=True),
+        (2, 3, 5), ("_na2d_fwd_kernel", "_na2d_bwd_dq_kernel", "_na2d_bwd_dkdv_kernel"), "na2d",
+        (1e-4, 1e-4, 1e-4, 1e-4, 1e-2))  # the scale is rounded via fp64; d_rpb sums many bf16 terms

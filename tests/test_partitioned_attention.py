@@ -9,7 +9,7 @@ import torch
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.window import PartitionAttention2d
 from attnzoo.kernels.partitioned_attention import partitioned_attention
-from tests.helpers import assert_rel_l2, poison_
+from tests.helpers import assert_rel_l2, check_compiled_launches_kernels, poison_
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -203,6 +203,24 @@ def test_triton_custom_op_registration():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode,shift", [("window", (3, 3)), ("grid", (0, 0))])
+def test_gpu_compiled_model_launches_kernels_itself(mode, shift):
+    """Under torch.compile the partitioned-attention ops are triton_ops: Inductor launches the two kernels from
+    its own code (no opaque ``attnzoo.partitioned_attention_*`` call). Batches of 64-80 give several partitions
+    per backward program (``parts`` symbolic in the batch), and the third batch size does not recompile."""
+    def make_inputs(batch):
+        g = torch.Generator().manual_seed(batch)
+        q, k, v = torch.randn(3, batch, 56, 56, 4, 32, generator=g).to("cuda", torch.bfloat16)
+        rpb = torch.randn(4, 13, 13, generator=g).to("cuda")
+        return [t.requires_grad_() for t in (q, k, v, rpb)]
+
+    check_compiled_launches_kernels(
+        lambda q, k, v, rpb: partitioned_attention(q, k, v, 7, mode, shift, rpb, backend="triton"), make_inputs,
+        (64, 72, 80), ("_pa_fwd", "_pa_bwd"), "partitioned_attention",
+        (1e-4, 1e-4, 1e-4, 1e-4, 1e-2))  # the bias gradient is summed with atomics
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", TRITON_CASES + [(4, 56, 56, 2, 32, (7, 7), "grid", (0, 0), True),
                                                  (2, 30, 45, 4, 64, (12, 12), "window", (6, 6), True),
@@ -238,7 +256,7 @@ from attnzoo.kernels import partitioned_attention_triton as pat
 def build(fn, dt, **constexprs):
     names = list(inspect.signature(fn.fn).parameters)
     ptr = {n: "*" + dt for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptr.update(LSE="*fp32", BIAS="*fp32", DBIAS="*fp32", scale="fp32")
+    ptr.update(LSE="*fp32", BIAS="*fp32", DBIAS="*fp32", scale="fp64")  # Inductor passes unspecialised floats as fp64
     sig = {n: "constexpr" if n in constexprs else ptr.get(n, "i32") for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))

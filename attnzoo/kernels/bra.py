@@ -80,7 +80,8 @@ def _fake_backward(dout, q, k, v, region_index, out, lse, n_win, scale, determin
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), region_index.new_empty(0)
 
 
-_bra_triton = _op.FusedOp("routed_attention", 4, _forward, _backward, _fake_forward, _fake_backward)
+_bra_triton = _op.FusedOp("routed_attention", 4, _forward, _backward, _fake_forward, _fake_backward,
+                          inductor_launches=True)
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, n_win: int,

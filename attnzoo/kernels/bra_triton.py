@@ -44,6 +44,7 @@ def _bra_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)  # fp64 when Inductor passes an unspecialised float
     T = RH * RW
     R = n_win * n_win
     n_mblocks = tl.cdiv(T, BLOCK_M)
@@ -115,6 +116,8 @@ def _bra_bwd_dq_kernel(
 
     DQ has q's strides; DKacc/DVacc are contiguous fp32 [B, H, W, heads, D/Dv]; O has strides s*o*, DO s*g*.
     """
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     T = RH * RW
     R = n_win * n_win
     W = n_win * RW
@@ -193,6 +196,8 @@ def _bra_bwd_dkdv_kernel(
 ):
     """dk/dv for one block of a key region's tokens, summed in a fixed order over the query regions
     routed to it (InvQ[b, InvStart[b, r]:InvStart[b, r + 1]]). DK has k's strides, DV_ v's strides."""
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     T = RH * RW
     R = n_win * n_win
     W = n_win * RW

@@ -156,6 +156,7 @@ def _fake_backward(dout, q, k, v, rpb, out, lse, bias, ph, pw, grid, sy, sx, sca
     return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)), drpb)
 
 
-_pa_triton = _op.FusedOp("partitioned_attention", 4, _forward, _backward, _fake_forward, _fake_backward)
+_pa_triton = _op.FusedOp("partitioned_attention", 4, _forward, _backward, _fake_forward, _fake_backward,
+                         inductor_launches=True)
 
 __all__ = ["partitioned_attention", "auto_backend", "route", "MODES", "DENSE_MAX_PARTITIONS"]

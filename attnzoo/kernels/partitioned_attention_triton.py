@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from attnzoo.kernels._op import Launcher, dot_precision
 from attnzoo.kernels.partitioned_attention_reference import padded_size, relative_index
@@ -87,6 +88,7 @@ def _pa_fwd(
     D: tl.constexpr, GRID: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # fp64 when Inductor passes an unspecialised float
     bp = tl.program_id(0)
     h = tl.program_id(1) % NH
     m0 = (tl.program_id(1) // NH) * BLOCK_M
@@ -135,6 +137,7 @@ def _pa_bwd(
     PARTS: tl.constexpr, ONE_BLOCK: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)
     h = tl.program_id(1) % NH
     n0 = (tl.program_id(1) // NH) * BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
@@ -210,6 +213,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def _size_hint(n: int | torch.SymInt) -> int:
+    """``n``, or for a size symbolic under torch.compile the value it is being traced with, read without
+    adding a guard (a launch parameter chosen from it holds for every value)."""
+    return n if isinstance(n, int) else int(n.node.hint)
+
+
 def _geometry(q: torch.Tensor, ph: int, pw: int) -> tuple[int, int, int, int]:
     B, H, W = q.shape[:3]
     Hp, Wp = padded_size(H, ph), padded_size(W, pw)
@@ -222,17 +231,28 @@ def tile_size(N: int) -> int:
     return triton.cdiv(N, block) * block
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
+def _build_tile_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
     """``[n_pad * n_pad]`` index of each bias-tile entry in the flattened table. Padded rows and columns
     point at entry 0: the kernel masks those logits and their gradient is exactly zero, so they read a
-    harmless value and add 0.0 when folded back. Built outside inference mode so the cached tensor can
-    be saved for backward by later autograd calls."""
+    harmless value and add 0.0 when folded back."""
     N, n_pad = ph * pw, tile_size(ph * pw)
+    idx = torch.zeros(n_pad, n_pad, dtype=torch.long, device=device)
+    idx[:N, :N] = relative_index.__wrapped__(ph, pw, device).view(N, N)
+    return idx.flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(ph: int, pw: int, device: torch.device) -> torch.Tensor:
+    """:func:`_build_tile_index`, cached per size and device for eager calls. Built outside inference mode so
+    the cached tensor can be saved for backward by later autograd calls."""
     with torch.inference_mode(False):
-        idx = torch.zeros(n_pad, n_pad, dtype=torch.long, device=device)
-        idx[:N, :N] = relative_index(ph, pw, device).view(N, N)
-        return idx.flatten()
+        return _build_tile_index(ph, pw, device)
+
+
+def _tile_index_for(t: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """The tile index on ``t``'s device: cached for real tensors; built in the graph while torch.compile traces
+    (fake tensors), so no traced tensor enters the cache."""
+    return (_build_tile_index if is_fake(t) else _tile_index)(ph, pw, t.device)
 
 
 def bias_tile(rpb: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor | None:
@@ -240,13 +260,13 @@ def bias_tile(rpb: torch.Tensor | None, ph: int, pw: int) -> torch.Tensor | None
     if rpb is None:
         return None
     n_pad = tile_size(ph * pw)
-    return rpb.float().flatten(1)[:, _tile_index(ph, pw, rpb.device)].view(-1, n_pad, n_pad)
+    return rpb.float().flatten(1)[:, _tile_index_for(rpb, ph, pw)].view(-1, n_pad, n_pad)
 
 
 def fold_bias_grad(dbias: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     """Sum a tile gradient ``[heads, n_pad, n_pad]`` into the table layout ``[heads, 2ph-1, 2pw-1]`` (fp32)."""
     table = dbias.new_zeros(dbias.shape[0], (2 * ph - 1) * (2 * pw - 1))
-    table.index_add_(1, _tile_index(ph, pw, dbias.device), dbias.flatten(1))
+    table.index_add_(1, _tile_index_for(dbias, ph, pw), dbias.flatten(1))
     return table.view(-1, 2 * ph - 1, 2 * pw - 1)
 
 
@@ -281,9 +301,10 @@ def backward(do, q, k, v, bias, out, lse, ph, pw, grid, sy, sx, scale):
     dv = _alloc(q.shape, q.dtype, q.device)
     dbias = None if bias is None else torch.zeros_like(bias)  # atomic-add target
     BP = B * NP
-    # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows
-    parts = 1 if bias is None or not one_block else max(1, min(32, BP * NH // 4096))
-    grid_ = (triton.cdiv(BP, parts), NH * triton.cdiv(N, BLOCK_N))
+    # enough programs to fill the GPU, as few atomic adds of the bias gradient as that allows; under
+    # torch.compile chosen for the batch size traced with, and the grid stays symbolic (programs past BP idle)
+    parts = 1 if bias is None or not one_block else max(1, min(32, _size_hint(BP) * NH // 4096))
+    grid_ = ((BP + parts - 1) // parts, NH * triton.cdiv(N, BLOCK_N))
     _BWD(grid_,
         q, k, v, out, do, lse, q if bias is None else bias, dq, dk, dv, dq if dbias is None else dbias,
         *_strides(q), *_strides(k), *_strides(v),
