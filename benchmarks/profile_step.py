@@ -1,4 +1,5 @@
-"""One training step of a model, profiled: wall time per step and the top kernels by device time.
+"""One training step (or, with ``--infer``, one inference forward) of a model, profiled: wall time per step
+and the top kernels by device time.
 
 Separates GPU time from host time for a whole model (METHOD: time the kernel, then the op, then the model,
 and profile before guessing). bf16 autocast, channels-last input, AdamW, batch 128 at 224².
@@ -18,19 +19,26 @@ import attnzoo  # noqa: F401  (registers the models)
 
 
 def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12, host: bool = False,
-                 compile: bool = False) -> dict:
+                 compile: bool = False, infer: bool = False) -> dict:
     model = timm.create_model(name).cuda().to(memory_format=torch.channels_last)
     run_model = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, img_size, img_size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters())
 
-    def step():
+    def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def infer_step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            run_model(x)
+
+    model.train(not infer)
+    step = infer_step if infer else train_step
 
     for _ in range(3):
         step()
@@ -48,8 +56,8 @@ def profile_step(name: str, batch: int = 128, img_size: int = 224, top: int = 12
         if e.device_type.name == "CUDA":
             kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + e.device_time_total / 1e3
     gpu_ms = sum(kernels.values())
-    print(name, "compiled" if compile else "eager", "step ms", step_ms, "gpu ms", gpu_ms, "peak MiB",
-          torch.cuda.max_memory_allocated() / 2**20)
+    print(name, "compiled" if compile else "eager", "inference" if infer else "train", "step ms", step_ms,
+          "gpu ms", gpu_ms, "peak MiB", torch.cuda.max_memory_allocated() / 2**20)
     for k, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {ms:.2f} {k}")
     if host:
@@ -84,9 +92,10 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--host", action="store_true", help="also profile the host: operators and Python functions")
     ap.add_argument("--compile", action="store_true", help="the step under torch.compile (default mode)")
+    ap.add_argument("--infer", action="store_true", help="profile the inference forward (eval, no grad)")
     args = ap.parse_args()
     for name in args.models:
-        profile_step(name, host=args.host, compile=args.compile)
+        profile_step(name, host=args.host, compile=args.compile, infer=args.infer)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
 KERNEL_RESULTS = ["na2d", "na2d_check", "na2d_tune", "na2d_tune_bwd", "na2d_tune_walked",
                   "na2d_tune_walked_norpb", "na2d_sass", "na2d_host", "bra",
-                  "partitioned_attention", "agent_attention"]
+                  "partitioned_attention", "partitioned_attention_r9_runtime_parts", "agent_attention"]
 SECTIONS = [("Kernels", KERNEL_RESULTS),
             ("Models", ["models", "models_kernels_v2", "models_eager", "models_compile", "models_compile_16core",
-                        "models_compile_r8", "models_compile_r8_opaque",
-                        "models_twins_compile", "models_twins_davit", "models_biformer_1024", "saved_memory",
+                        "models_compile_r8", "models_compile_r8_opaque", "models_compile_r9",
+                        "models_twins_compile", "models_twins_r9", "profile_twins_r9", "models_twins_davit", "models_biformer_1024", "saved_memory",
                         "saved_memory_bf16"]),
             ("Deploy", ["onnx_latency", "compile_refpath_nat_tiny", "compile_refpath_dinat_tiny",
                         "compile_refpath_biformer_small"]),

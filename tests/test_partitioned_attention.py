@@ -323,8 +323,9 @@ def test_training_step_after_inference_mode_forward(backend):
 
 @pytest.mark.triton_interpret
 def test_compiled_graph_uses_custom_op_and_matches_eager():
-    """Under torch.compile the op traces as the ``attnzoo::partitioned_attention_fwd`` custom op; eager
-    calls take the autograd.Function. Both give the same output and gradients."""
+    """Under torch.compile the op traces as the ``attnzoo::partitioned_attention_fwd`` op (a custom op under Triton's
+    interpreter, a triton op on CUDA); eager calls take the autograd.Function. Both give the same output and
+    gradients."""
     case = (1, 6, 7, 2, 8, (3, 4), "window", (1, 2), True)
     out, grads, (qkv, rpb, go) = _fwd_bwd(case, torch.float32, "cpu", "triton")
     seen = []
