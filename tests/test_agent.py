@@ -230,7 +230,8 @@ def test_channels_last_keeps_results(name):
         for m, b in zip(attns, biases):
             assert all(torch.equal(u, v) for u, v in zip(b, m.compute_biases((9, 7), (9, 7))))
             assert m._bias_state == tuple((p.data_ptr(), p._version) for p in m._bias_params())
-    assert_rel_l2(after, before, tol=1e-6)
+    # channels-last convolutions sum in another order, by kernels that differ per CPU (1.0-1.2e-6 seen on one)
+    assert_rel_l2(after, before, tol=1e-5)
     model.train()
     model(x).sum().backward()
     assert all(m.an_bias.grad is not None and m.ah_bias.grad.abs().sum() > 0 for m in attns)
