@@ -358,3 +358,38 @@ def test_gpu_memory_independent_of_topk():
         peaks.append(torch.cuda.max_memory_allocated() - base)
         q.grad = k.grad = v.grad = None
     assert peaks[1] <= peaks[0] * 1.05 + 2**20, peaks
+
+
+_FP64_SCALE_SCRIPT = r"""
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attnzoo.kernels import bra_triton as bt
+
+ptrs = {"Lse": "*fp32", "Delta": "*fp32", "DKacc": "*fp32", "DVacc": "*fp32", "Idx": "*i64", "InvQ": "*i64",
+        "InvStart": "*i32", **dict.fromkeys(("Q", "K", "V", "O", "Out", "DO", "DQ", "DK", "DV_"), "*bf16")}
+for fn, extra in ((bt._bra_fwd_kernel, {}), (bt._bra_bwd_dq_kernel, {"ATOMIC_DKDV": False}),
+                  (bt._bra_bwd_dkdv_kernel, {})):
+    consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=32, PRECISION="tf32", **extra)
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in consts else "fp64" if "scale" in n else
+           ptrs.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+print("compiled")
+"""
+
+
+def test_kernels_compile_with_fp64_scales():
+    """A compiled model (the triton op under torch.compile) hands the kernels unspecialised Python floats as
+    fp64 scalars; the kernels must still compile for sm_90 (no GPU needed, but not under the interpreter)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _FP64_SCALE_SCRIPT], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "compiled", res.stderr[-3000:]
