@@ -46,7 +46,8 @@ class Task:
 TASKS = {
     "det": Task("det", "mmdet", "mask-rcnn_*_fpn_1x_coco.py", "fashion_det",
                 ("model", "data_root", "max_epochs", "train_pipeline", "test_pipeline", "train_dataloader",
-                 "val_dataloader", "val_evaluator", "train_cfg", "param_scheduler", "default_hooks", "log_processor"),
+                 "val_dataloader", "val_evaluator", "train_cfg", "param_scheduler", "default_hooks", "log_processor",
+                 "optim_wrapper"),
                 {"bbox_mAP": "coco/bbox_mAP", "segm_mAP": "coco/segm_mAP"}, 1.0),
     "seg": Task("seg", "mmseg", "upernet_*_ade20k-512x512.py", "fashion_seg",
                 ("model", "data_preprocessor", "crop_size", "dataset_type", "data_root", "train_pipeline",

@@ -17,3 +17,4 @@ train_cfg = _base_.fashion_det.train_cfg
 param_scheduler = _base_.fashion_det.param_scheduler
 default_hooks = _base_.fashion_det.default_hooks
 log_processor = _base_.fashion_det.log_processor
+optim_wrapper = _base_.fashion_det.optim_wrapper
