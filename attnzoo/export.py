@@ -290,7 +290,8 @@ def export(model: nn.Module, fmt: str, input_size: Sequence[int], output: str | 
     inputs = [torch.randn(EXAMPLE_BATCH, C, H, W)]
     if dynamic_size:  # the same graph at a second size
         inputs.append(torch.randn(1, C, H + 17, W + 45))
-    tmp = output.with_name(f".{output.name}.partial")
+    # the final suffix kept: torch.export.load warns about (and falls back on) a file not ending in .pt2
+    tmp = output.with_name(f".{output.stem}.partial{output.suffix}")
     try:
         if fmt == "onnx":
             program = torch.onnx.export(ep.run_decompositions(), dynamo=True, opset_version=OPSET, optimize=optimize,
