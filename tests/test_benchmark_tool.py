@@ -18,8 +18,12 @@ def _run(*args: str) -> None:
 
 
 def test_quick_models_scaling_and_report(tmp_path):
+    """tools/benchmark.py's models command end to end, then the scaling and report commands' entry points in this
+    process (one interpreter start is enough for the command-line path)."""
+    from benchmarks import report, scaling
+
     _run("models", "--quick", "--models", "nat_mini", "--backends", "auto", "reference", "--out-dir", str(tmp_path))
-    _run("scaling", "--quick", "--models", "nat_mini", "--out-dir", str(tmp_path))
+    scaling.main(["--quick", "--models", "nat_mini", "--out-dir", str(tmp_path)])
     models = json.loads((tmp_path / "models_quick.json").read_text())
     assert [(r["model"], r["backend"]) for r in models["rows"]] == [("nat_mini", "auto"), ("nat_mini", "reference")]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and "error" not in r for r in models["rows"])
@@ -31,7 +35,7 @@ def test_quick_models_scaling_and_report(tmp_path):
         for ext in ("json", "md"):
             (tmp_path / f"{name}_quick.{ext}").rename(tmp_path / f"{name}.{ext}")
     out = tmp_path / "BENCHMARKS.md"
-    _run("report", "--results-dir", str(tmp_path), "--out", str(out))
+    report.main(["--results-dir", str(tmp_path), "--out", str(out)])
     text = out.read_text()
     assert "## Models" in text and "## Scaling with resolution" in text and "nat_mini" in text
     assert (tmp_path / "models.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
