@@ -60,7 +60,7 @@ finetune: venv dense fashion-mnist
 
 test: venv dense
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 test-gpu: venv
 	$(PY) -m pytest -m gpu tests
