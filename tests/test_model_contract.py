@@ -106,6 +106,15 @@ def test_forward_backward_and_grad_checkpointing(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_builds_on_the_meta_device(name):
+    """Full-size construction under ``torch.device("meta")`` (deferred initialisation, as for timm's models): no
+    tensor data is read while building. agent_* models called ``.tolist()`` on a meta tensor."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert all(p.is_meta for p in model.parameters()), name
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_attributes_pool_size_and_heads(name):
     model = build(name)
     cfg = model.pretrained_cfg

@@ -115,7 +115,7 @@ class AgentPvt(StagedBackbone):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.embed_dims = embed_dims
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         stages, self.feature_info = [], []
         grid, in_chs = (img_size[0] // patch_size, img_size[1] // patch_size), in_chans

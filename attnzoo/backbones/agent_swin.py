@@ -136,7 +136,7 @@ class AgentSwinTransformer(StagedBackbone):
         self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         stages, self.feature_info = [], []
         for i in range(n):
