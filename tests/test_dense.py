@@ -71,7 +71,9 @@ def test_config_builds(path: str) -> None:
     assert backbone.type == "AttnZooBackbone"
     ckpt = backbone.init_cfg.checkpoint
     assert ckpt.startswith(("https://", "hf-hub:")), f"{path}: init_cfg.checkpoint {ckpt!r}"
-    model = _build(cfg)
+    with torch.device("meta"):  # structure only: no memory, no weight initialisation
+        model = _build(cfg)
+    assert all(p.is_meta for p in model.parameters())
     widths = model.backbone.channels
     neck_in = cfg.model.neck.in_channels if "neck" in cfg.model else cfg.model.decode_head.in_channels
     assert list(neck_in) == widths, f"{path}: head expects {neck_in}, backbone gives {widths}"
