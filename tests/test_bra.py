@@ -119,7 +119,7 @@ def _check_against_reference(B, H, W, heads, D, Dv, n_win, topk, dtype, determin
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("case", _random_cases(32), ids=lambda c: "B{}_{}x{}_h{}_d{}-{}_nw{}_k{}_{}_{}".format(
+@pytest.mark.parametrize("case", _random_cases(22), ids=lambda c: "B{}_{}x{}_h{}_d{}-{}_nw{}_k{}_{}_{}".format(
     *c[:8], str(c[8])[6:], "det" if c[9] else "atomic"))
 def test_triton_matches_reference(case):
     _check_against_reference(*case)
