@@ -17,6 +17,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
+    # the tests marked slow (30 s and more on two CPU cores) first: under pytest-xdist the workers then finish on
+    # short tests instead of one waiting for the other's last long one (same order on every worker)
+    items.sort(key=lambda item: "slow" not in item.keywords)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device: run `make test-gpu` on a GPU machine")
     skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 set before attnzoo.kernels is imported")
     for item in items:

@@ -17,6 +17,7 @@ def _run(*args: str) -> None:
                    capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quick_models_scaling_and_report(tmp_path):
     """tools/benchmark.py's models command end to end, then the scaling and report commands' entry points in this
     process (one interpreter start is enough for the command-line path)."""

@@ -158,6 +158,7 @@ def test_upernet_trains_and_predicts(family: str, demo_root: Path) -> None:
     assert out.pred_sem_seg.data.shape[-2:] == tuple(out.ori_shape)
 
 
+@pytest.mark.slow
 def test_dense_train_tool_runs_a_few_iterations(demo_root: Path, tmp_path: Path) -> None:
     """A user's config that inherits a shipped one and points it at the tiny set (10 classes), plus
     --cfg-options: three training iterations, then mmengine's final-epoch COCO evaluation."""

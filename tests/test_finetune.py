@@ -127,6 +127,7 @@ SMALL = ["model.train_cfg.rpn_proposal.max_per_img=100", "model.train_cfg.rcnn.s
          "default_hooks.checkpoint=None"]
 
 
+@pytest.mark.slow
 def test_finetune_cli_pretrains_then_fine_tunes_and_lowers_the_detection_loss(images: Path, tmp_path: Path,
                                                                               monkeypatch) -> None:
     """tools/finetune.py at toy size: tools/train.py pretraining on an image folder, the pasted sets written,
