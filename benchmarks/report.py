@@ -31,7 +31,7 @@ SECTIONS = [("Kernels", KERNEL_RESULTS),
                         "compile_refpath_biformer_small"]),
             ("Scaling with resolution", ["scaling"]), ("Training loop", ["train_throughput"]),
             ("Dense prediction", ["dense", "finetune", "finetune_det_lr", "finetune_seg_lr",
-                                  "finetune_seg_iters"])]
+                                  "finetune_seg_iters", "finetune_seg_levers"])]
 
 
 def _load(results_dir: Path, name: str) -> dict | None:

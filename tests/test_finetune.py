@@ -234,6 +234,13 @@ def test_configure_sets_data_size_schedule_and_init(tmp_path: Path) -> None:
     assert seg.train_cfg.max_iters == 8 and seg.train_cfg.val_interval == 2
     assert seg.param_scheduler[0].start_factor == 1.0  # 8 iterations: no warm-up
     assert seg.model.data_preprocessor.size == (96, 128) and seg.train_dataloader.batch_size == 4
+    # a config with scale jitter and crops (benchmarks/finetune_levers.py's augmented one) gets the size there too
+    aug = finetune.configure(Config.fromfile(str(REPO / "benchmarks" / "configs" /
+                                                 "upernet_nat-tiny_fashion-seg_augmented.py")), "seg", length=8,
+                             checkpoint=None, **common)
+    steps = {t.type: t for t in aug.train_dataloader.dataset.pipeline}
+    assert steps["RandomResize"].scale == (128, 96) and steps["RandomCrop"].crop_size == (96, 128)
+    assert aug.train_pipeline == aug.train_dataloader.dataset.pipeline
 
 
 def test_scalars_give_curves_and_an_evaluation_without_boxes_counts_as_map_0(tmp_path: Path) -> None:
@@ -344,3 +351,27 @@ def test_benchmark_reports_finished_runs_of_one_stage(tmp_path: Path) -> None:
     assert "seg only, seg optim_wrapper.optimizer.lr=2e-4" in pretrained["schedule"]
     assert pretrained["measured"] == "1970-01-01 00:00 UTC"
     assert report["env"]["device"] == "NVIDIA H200" and report["env"]["torch"] == "2.11.0"
+
+
+def test_levers_report_and_variant_flags(tmp_path: Path) -> None:
+    """``benchmarks.finetune_levers --report-from``: a finished variant's mIoU curve and the checkpoint's variant, a
+    stopped one marked as such; every variant's flags parse as tools/finetune.py's and name files that exist."""
+    from benchmarks import finetune_levers as levers
+    from tools.finetune import parse_args
+
+    for name, flags, _ in levers.VARIANTS.values():
+        args = parse_args(["--model", levers.MODELS[name], *levers.COMMON, *flags])
+        assert args.seg_config is None or (REPO / args.seg_config).is_file()
+    done = dict(model="nat_tiny", wall_s=300.0, device="NVIDIA H200", versions=dict(torch="2.11.0"),
+                pretrain=dict(checkpoint="output/finetune_levers/nat_b16/pretrain/last.pth.tar"),
+                seg=dict(mIoU=0.53, wall_s=250.0, img_per_s=50.0, peak_memory_mib=1000.0,
+                         curve=dict(mIoU=[0.3, 0.4, 0.5, 0.53])))
+    for name, summary in (("nat_b16", done), ("nat_b32", dict(done, seg=None, wall_s=None))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if v}))
+    levers.main(["--report-from", "--work-dir", str(tmp_path), "--variants", "nat_b16", "nat_b32", "--out",
+                 str(tmp_path / "out")])
+    first, stopped = json.loads((tmp_path / "out" / "finetune_seg_levers.json").read_text())["rows"]
+    assert first["mIoU"] == 0.53 and first["mIoU at each evaluation"] == "0.300 / 0.400 / 0.500 / 0.530"
+    assert first["pretrained in"] == "nat_b16" and stopped["pretrained in"] == "nat_b16"
+    assert stopped["mIoU"] is None and stopped["finished"] == "stopped early"

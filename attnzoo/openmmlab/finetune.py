@@ -172,8 +172,10 @@ def configure(cfg: Any, task: str, *, work_dir: str | os.PathLike, data_root: st
         loader.num_workers = workers
         loader.persistent_workers = workers > 0
         for step in loader.dataset.pipeline:
-            if step["type"] == "Resize":
+            if step["type"] in ("Resize", "RandomResize"):
                 step.scale = (width, height)
+            elif step["type"] == "RandomCrop":
+                step.crop_size = (height, width)
     cfg.data_root = f"{root}/"
     cfg.train_dataloader.batch_size = batch_size
     for key in ("train_pipeline", "test_pipeline"):
