@@ -57,10 +57,11 @@ CLASSIFIER_DEFAULT = {"nat_mini", "biformer_tiny"}  # a dynamic-size graph, and 
 PT2_DEFAULT = {"nat_mini"}
 
 
-def _families(default: set[str]) -> list:
-    return [pytest.param(name, marks=pytest.mark.skipif(
-        not EXPORT_ALL and name not in default,
-        reason="exported with ATTNZOO_EXPORT_ALL=1 (minutes per family on two CPU cores)")) for name in sorted(SMALL)]
+def _families(default: set[str],
+              reason: str = "exported with ATTNZOO_EXPORT_ALL=1 (minutes per family on two CPU cores)") -> list:
+    """Every variant in SMALL as a parameter; those outside ``default`` skipped unless ATTNZOO_EXPORT_ALL=1."""
+    return [pytest.param(name, marks=pytest.mark.skipif(not EXPORT_ALL and name not in default, reason=reason))
+            for name in sorted(SMALL)]
 
 
 FAMILIES = _families(DEFAULT_FAMILIES)
@@ -123,10 +124,8 @@ def test_features_only_onnx_and_export_round_trip(name, tmp_path):
 # compiled by default: one model per attention op plus FocalNet, which has none (13-45 s each with the aot_eager
 # backend on two CPU cores); ATTNZOO_EXPORT_ALL=1 compiles every variant in SMALL
 COMPILE_DEFAULT = DEFAULT_FAMILIES | {"focalnet_t_srf"}
-COMPILE_FAMILIES = [pytest.param(name, marks=pytest.mark.skipif(
-    not EXPORT_ALL and name not in COMPILE_DEFAULT,
-    reason="compiled with ATTNZOO_EXPORT_ALL=1 (a model with its attention op is compiled by default)"))
-    for name in sorted(SMALL)]
+COMPILE_FAMILIES = _families(
+    COMPILE_DEFAULT, "compiled with ATTNZOO_EXPORT_ALL=1 (a model with its attention op is compiled by default)")
 
 
 @pytest.mark.slow
