@@ -26,16 +26,20 @@ from benchmarks.harness import RESULTS_DIR, Report, time_ms
 _ORIGINAL = fm.FocalModulation.forward
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
 def _matmul_forward(self: fm.FocalModulation, x: torch.Tensor) -> torch.Tensor:
     """FocalModulation.forward with the global context's mean as a matrix product."""
     q, ctx, gates = self.f(x).split([self.dim, self.dim, self.focal_level + 1], dim=-1)
     ctx = fm._nchw(ctx)
     ctx = self.focal_layers[0](ctx)
-    ctx_all = fm._nhwc(ctx) * gates[..., :1]
+    ctx_all = _nhwc(ctx) * gates[..., :1]
     for level in range(1, self.focal_level):
         ctx = self.focal_layers[level](ctx)
-        ctx_all = ctx_all + fm._nhwc(ctx) * gates[..., level:level + 1]
-    tokens = fm._nhwc(ctx).flatten(1, 2)  # [B, HW, C]
+        ctx_all = ctx_all + _nhwc(ctx) * gates[..., level:level + 1]
+    tokens = _nhwc(ctx).flatten(1, 2)  # [B, HW, C]
     weights = tokens.new_full((1, tokens.shape[1]), 1.0 / tokens.shape[1])
     ctx_global = self.act(torch.matmul(weights, tokens)).unsqueeze(1)  # [B, 1, 1, C]
     ctx_all = ctx_all + ctx_global * gates[..., self.focal_level:]

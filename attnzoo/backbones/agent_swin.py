@@ -72,15 +72,17 @@ class AgentSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Tokens ``[B, H*W, C]`` in and out; window attention reads them as a map."""
         if self.attn_type == "B":
-            return self.attn(x)
-        B, H, W, C = x.shape
-        return self.attn(x.reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
+            return self.attn(x.unflatten(1, size)).flatten(1, 2)
+        return self.attn(x, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        B, H, W, C = x.shape
+        x = x.flatten(1, 2)  # the residual stream as tokens (attnzoo.blocks.tokens)
+        x = x + self.drop_path1(self._attn(self.norm1(x), (H, W)))
+        return (x + self.drop_path2(self.mlp(self.norm2(x)))).view(B, H, W, C)
 
 
 class AgentSwinStage(nn.Module):

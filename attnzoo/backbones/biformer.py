@@ -77,10 +77,11 @@ class BiFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
-        x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        B, C, H, W = x.shape
+        x = x.permute(0, 2, 3, 1).flatten(1, 2)  # the residual stream as tokens (attnzoo.blocks.tokens)
+        x = x + self.drop_path(self.attn(self.norm1(x).view(B, H, W, C)).flatten(1, 2))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x.permute(0, 3, 1, 2)
+        return x.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 def _per_stage(value: Any, name: str) -> tuple:

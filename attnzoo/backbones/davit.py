@@ -38,6 +38,7 @@ from torch import nn
 from attnzoo.backbones._base import StagedBackbone, build_backbone, unwrap_checkpoint
 from attnzoo.backbones._pretrained import imagenet_cfg
 from attnzoo.blocks.channel import ChannelAttention
+from attnzoo.blocks.tokens import nchw_to_tokens
 from attnzoo.blocks.window import PartitionAttention2d
 
 __all__ = ["DaVit", "checkpoint_filter_fn"]
@@ -51,14 +52,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, int]) -> torch.Tensor:
 
 
 class ConvPosEnc(nn.Module):
-    """``x + depthwise_conv(x)`` on an NHWC map (the conv reads a channels-last view)."""
+    """``x + depthwise_conv(x)`` on an NHWC map held as tokens ``[B, H*W, C]`` (attnzoo.blocks.tokens)."""
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        B, _, C = x.shape
+        return x + nchw_to_tokens(self.proj(x.view(B, *size, C).permute(0, 3, 1, 2)))
 
 
 @register_notrace_module  # shape-dependent padding: an FX leaf
@@ -121,10 +123,11 @@ class DualAttentionBlock(nn.Module):
         return self.attn(pad_to_multiple(x, self.pad_to_window))[:, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cpe1(x)
-        x = x + self.drop_path1(self._attend(self.norm1(x)))
-        x = self.cpe2(x)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        B, H, W, C = x.shape
+        x = self.cpe1(x.flatten(1, 2), (H, W))  # the residual stream as tokens (attnzoo.blocks.tokens)
+        x = (x.view(B, H, W, C) + self.drop_path1(self._attend(self.norm1(x).view(B, H, W, C)))).flatten(1, 2)
+        x = self.cpe2(x, (H, W))
+        return (x + self.drop_path2(self.mlp(self.norm2(x)))).view(B, H, W, C)
 
 
 class DaVitStage(nn.Module):

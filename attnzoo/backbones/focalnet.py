@@ -100,9 +100,12 @@ class FocalNetBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
+        B, H, W, C = x.shape
+        x = x.flatten(1, 2)  # the residual stream as tokens: see attnzoo.blocks.tokens
+        x = x + self.drop_path1(self.ls1(self.norm1_post(
+            self.modulation(self.norm1(x).view(B, H, W, C)).flatten(1, 2))))
         x = x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))
-        return x
+        return x.view(B, H, W, C)
 
 
 class FocalNetStage(nn.Module):

@@ -70,11 +70,14 @@ class NATLayer(nn.Module):
             self.gamma1 = self.gamma2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x.flatten(1, 2)  # the residual stream as tokens (attnzoo.blocks.tokens)
+        a = self.attn(self.norm1(x).view(B, H, W, C)).flatten(1, 2)
         if self.gamma1 is None:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+            x = x + self.drop_path(a)
+            return (x + self.drop_path(self.mlp(self.norm2(x)))).view(B, H, W, C)
+        x = x + self.drop_path(self.gamma1 * a)
+        return (x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))).view(B, H, W, C)
 
 
 class NATStage(nn.Module):

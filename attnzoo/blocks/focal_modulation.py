@@ -13,14 +13,12 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from attnzoo.blocks.tokens import nchw_to_tokens
+
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
     """View an NHWC tensor as NCHW (channels-last memory, no copy) for ``nn.Conv2d``."""
     return x.permute(0, 3, 1, 2)
-
-
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
 
 
 @register_notrace_module  # an FX leaf: its input validation does not trace
@@ -72,22 +70,25 @@ class FocalModulation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"FocalModulation: x must be [B, H, W, {self.dim}] (NHWC), got {tuple(x.shape)}")
+        B, H, W, C = x.shape
         q, ctx, gates = self.f(x).split([self.dim, self.dim, self.focal_level + 1], dim=-1)
+        gates = gates.flatten(1, 2)
         ctx = _nchw(ctx)  # a strided view of f(x): the first conv saves it without another copy
         # the gated sum starts from its first term (``0 + term`` would be one more full-map pass); not
-        # addcmul: its backward spends two more multiplies than mul + add's
+        # addcmul: its backward spends two more multiplies than mul + add's. It is summed as tokens
+        # [B, H*W, C] (attnzoo.blocks.tokens).
         ctx = self.focal_layers[0](ctx)
-        ctx_all = _nhwc(ctx) * gates[..., :1]
+        ctx_all = nchw_to_tokens(ctx) * gates[..., :1]
         for level in range(1, self.focal_level):
             ctx = self.focal_layers[level](ctx)
-            ctx_all = ctx_all + _nhwc(ctx) * gates[..., level:level + 1]
+            ctx_all = ctx_all + nchw_to_tokens(ctx) * gates[..., level:level + 1]
         ctx_global = self.act(ctx.mean((2, 3), keepdim=True))  # [B, dim, 1, 1]
-        ctx_all = ctx_all + _nhwc(ctx_global) * gates[..., self.focal_level:]
+        ctx_all = ctx_all + nchw_to_tokens(ctx_global) * gates[..., self.focal_level:]
         if self.normalize_modulator:
             ctx_all = ctx_all / (self.focal_level + 1)
-        x = q * self.h(ctx_all)
+        x = q.flatten(1, 2) * self.h(ctx_all)
         x = self.ln(x)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x)).view(B, H, W, C)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, focal_level={self.focal_level}, kernel_sizes={self.kernel_sizes}"
