@@ -16,12 +16,11 @@ import statistics
 import time
 from typing import Callable
 
-import timm
 import torch
 
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.blocks import focal_modulation as fm
-from benchmarks.harness import RESULTS_DIR, Report, time_ms
+from benchmarks.harness import RESULTS_DIR, Report, model_steps, time_ms
 
 _ORIGINAL = fm.FocalModulation.forward
 
@@ -53,30 +52,6 @@ def _matmul_forward(self: fm.FocalModulation, x: torch.Tensor) -> torch.Tensor:
 VARIANTS: dict[str, Callable] = {"mean": _ORIGINAL, "matmul": _matmul_forward}
 
 
-def _steps(name: str, batch: int, img: int, compile: bool) -> dict[str, Callable[[], None]]:
-    model = timm.create_model(name, drop_path_rate=0.0).to(DEVICE).to(memory_format=torch.channels_last)
-    run = torch.compile(model) if compile else model
-    x = torch.randn(batch, 3, img, img, device=DEVICE).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=DEVICE)
-    opt = torch.optim.AdamW(model.parameters())
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # CPU smoke runs stay in fp32
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=DEVICE == "cuda"):
-            run(x)
-
-    def train() -> None:
-        model.train()
-        with torch.autocast(DEVICE, dtype=dtype, enabled=DEVICE == "cuda"):
-            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return dict(infer=infer, train=train)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["focalnet_t_srf", "focalnet_t_lrf"])
@@ -95,10 +70,10 @@ def main() -> None:
     for name in args.models:
         for variant in VARIANTS:
             fm.FocalModulation.forward = VARIANTS[variant]
-            cases.append((name, variant, _steps(name, batch, img, compile)))
+            cases.append((name, variant, model_steps(name, batch, img, compile, DEVICE)))
         fm.FocalModulation.forward = _ORIGINAL
         twin = name.replace("focalnet_t_", "focalnet_tiny_")
-        cases.append((twin, "timm", _steps(twin, batch, img, compile)))
+        cases.append((twin, "timm", model_steps(twin, batch, img, compile, DEVICE)))
     times: dict[tuple[str, str, str], list[float]] = {}
     t0 = time.perf_counter()
     for r in range(args.repeats):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import timm
 import torch
 
 # ATTNZOO_RESULTS_DIR sends every report elsewhere (e.g. a scratch folder on a shared GPU box).
@@ -113,6 +114,33 @@ def peak_memory_mib(fn: Callable[[], Any]) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def model_steps(name: str, batch: int, img: int, compile: bool, device: str) -> dict[str, Callable[[], None]]:
+    """``{"infer", "train"}`` closures for timm model ``name`` at drop path 0: channels-last input, bf16 autocast on
+    CUDA (fp32 on CPU smoke runs), ``torch.compile`` (default mode) when ``compile``; inference = forward under
+    ``no_grad``, train = forward + backward + AdamW step. For A/B scripts that time variants of one model."""
+    model = timm.create_model(name, drop_path_rate=0.0).to(device).to(memory_format=torch.channels_last)
+    run = torch.compile(model) if compile else model
+    x = torch.randn(batch, 3, img, img, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters())
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            run(x)
+
+    def train() -> None:
+        model.train()
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return dict(infer=infer, train=train)
 
 
 def measured_bandwidth_gbs(nbytes: int = 2**30) -> float:

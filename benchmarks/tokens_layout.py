@@ -19,7 +19,6 @@ import statistics
 import time
 from typing import Callable
 
-import timm
 import torch
 
 import attnzoo  # noqa: F401  (registers the models)
@@ -29,7 +28,7 @@ from attnzoo.backbones.davit import DualAttentionBlock
 from attnzoo.backbones.focalnet import FocalNetBlock
 from attnzoo.backbones.nat import NATLayer
 from attnzoo.blocks.focal_modulation import FocalModulation, _nchw
-from benchmarks.harness import RESULTS_DIR, Report, time_ms
+from benchmarks.harness import RESULTS_DIR, Report, model_steps, time_ms
 from benchmarks.models import dynamo_limits
 
 
@@ -105,35 +104,11 @@ def use_variant(name: str) -> None:
             cls.forward = fn
 
 
-def _steps(name: str, batch: int, img: int, compile: bool, device: str) -> dict[str, Callable[[], None]]:
-    model = timm.create_model(name, drop_path_rate=0.0).to(device).to(memory_format=torch.channels_last)
-    run = torch.compile(model) if compile else model
-    x = torch.randn(batch, 3, img, img, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters())
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPU smoke runs stay in fp32
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            run(x)
-
-    def train() -> None:
-        model.train()
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return dict(infer=infer, train=train)
-
-
 def _time(models: list[str], compile: bool, modes: list[str], repeats: int, batch: int, img: int, device: str,
           quick: bool) -> dict[tuple[str, str], list[float]]:
     """Step times (ms) per (model, mode), the models and their twins timed ``repeats`` times in alternating order."""
     names = [n for m in models for n in (m, TWINS.get(m)) if n]
-    cases = {name: _steps(name, batch, img, compile, device) for name in names}
+    cases = {name: model_steps(name, batch, img, compile, device) for name in names}
     times: dict[tuple[str, str], list[float]] = {}
     t0 = time.perf_counter()
     for r in range(repeats):
@@ -162,7 +137,7 @@ def main(argv: list[str] | None = None) -> Report | None:
     batch, img = (2, 64) if args.quick else (128, 224)
     compile = not (args.quick or args.eager)
     if args.warm:
-        for step in _steps(args.warm, batch, img, compile, device).values():
+        for step in model_steps(args.warm, batch, img, compile, device).values():
             step()
         return None
     with dynamo_limits(4 * len(args.models)):  # every model enters through one code object

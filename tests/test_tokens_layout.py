@@ -1,7 +1,6 @@
 """attnzoo.blocks.tokens: blocks that hold their residual stream as tokens compute what the 4-D NHWC forwards
 (kept in benchmarks.tokens_layout) computed, and torch.compile then stores no NHWC map with H innermost."""
 import contextlib
-import re
 
 import pytest
 import timm
@@ -10,6 +9,7 @@ from torch import nn
 
 import attnzoo  # noqa: F401
 from attnzoo.backbones.focalnet import FocalNetBlock
+from benchmarks.layout_census import h_innermost_maps
 from benchmarks.tokens_layout import NHWC_FORWARDS, main
 
 
@@ -60,7 +60,7 @@ def test_compiled_blocks_store_no_map_with_h_innermost():
         with _nhwc_forwards(var == "nhwc"), torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
             x = torch.randn(2, 3, 32, 48).to(memory_format=torch.channels_last)
             _, (code,) = run_and_get_code(torch.compile(_StemAndBlocks().eval()), x)
-        found[var] = re.findall(r"empty_strided_cpu\(\(2, 8, 12, 16\), \(\d+, 1, ", code)
+        found[var] = h_innermost_maps(code, nhwc_shape=(2, 8, 12, 16))
     assert found["nhwc"], "the NHWC baseline no longer gets H-innermost maps: revisit attnzoo.blocks.tokens"
     assert not found["tokens"], found["tokens"]
 
@@ -71,3 +71,12 @@ def test_tokens_layout_quick_report(tmp_path):
     (row,) = rep.rows
     assert row["twin"] == "focalnet_tiny_srf" and row["img_s"] > 0 and row["vs_twin"] > 0
     assert (tmp_path / "tokens_layout_tokens.json").exists()
+
+
+def test_layout_census_counts_only_h_innermost_nhwc_maps():
+    code = "\n".join([
+        "buf1 = empty_strided_cuda((128, 56, 56, 96), (301056, 1, 5376, 56), torch.float32)",  # H innermost
+        "buf2 = empty_strided_cuda((128, 56, 56, 96), (301056, 5376, 96, 1), torch.float32)",  # contiguous NHWC
+        "buf3 = empty_strided_cuda((128, 96, 56, 56), (301056, 1, 5376, 96), torch.float32)",  # NCHW channels-last
+        "buf4 = empty_strided_cuda((128, 56, 56, 1), (3136, 1, 56, 56), torch.float32)"])  # per-pixel statistics
+    assert [m[0] for m in h_innermost_maps(code)] == ["buf1"]
