@@ -33,24 +33,34 @@ SASS_OPS = ("HGMMA", "HMMA", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "MUFU.EX
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def _signature(jit, meta: dict) -> tuple[dict, dict]:
-    sig, consts = {}, {}
-    for name in inspect.signature(jit.fn).parameters:
+def _signature(jit, meta: dict, case) -> tuple[dict, dict, dict]:
+    """Signature, constexprs and the 16-divisibility attributes a launch on contiguous ``case`` tensors gets
+    (Triton specializes 16-byte aligned pointers and int arguments divisible by 16; alignment decides whether
+    loads and stores vectorize)."""
+    _, H, W, N, D, k, _ = case
+    ints = dict(H=H, W=W, srn=(2 * k - 1) ** 2)
+    for t in "qkvo":
+        ints.update({f"s{t}b": H * W * N * D, f"s{t}h": W * N * D, f"s{t}w": N * D, f"s{t}n": D})
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(jit.fn).parameters):
         if name in meta:
             sig[name], consts[name] = "constexpr", meta[name]
-        elif name in ("RPB", "LSE", "DELTA"):
+            continue
+        if name in ("RPB", "LSE", "DELTA"):
             sig[name] = "*fp32"
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "DSNB"):
             sig[name] = "*bf16"
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
-    return sig, consts
+        if sig[name].startswith("*") or ints.get(name, 1) % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
-def compile_stats(kernel: str, meta: dict, num_warps: int, num_stages: int) -> dict:
+def compile_stats(kernel: str, meta: dict, num_warps: int, num_stages: int, case) -> dict:
     """Compile one kernel for sm_90 and read its resource usage and SASS from the cubin."""
-    sig, consts = _signature(KERNELS[kernel], meta)
-    compiled = triton.compile(ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=consts),
+    sig, consts, attrs = _signature(KERNELS[kernel], meta, case)
+    compiled = triton.compile(ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -61,7 +71,8 @@ def compile_stats(kernel: str, meta: dict, num_warps: int, num_stages: int) -> d
         sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
     res = {k: int(v) for k, v in re.findall(r"(REG|SHARED|LOCAL):(\d+)", usage)}
-    return dict(registers=res["REG"], local_bytes=res["LOCAL"], static_shared=res["SHARED"],
+    body = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(\S+)", sass)  # one per instruction: its opcode (or predicate)
+    return dict(registers=res["REG"], local_bytes=res["LOCAL"], static_shared=res["SHARED"], instructions=len(body),
                 **{op.lower().replace(".", "_"): len(re.findall(rf"\b{re.escape(op)}\b", sass)) for op in SASS_OPS})
 
 
@@ -93,7 +104,7 @@ def main() -> None:
             nw, ns = meta.pop("num_warps"), meta.pop("num_stages")
             walked = "{}x{}".format(meta.get("KBY", meta.get("QBY")), meta.get("KBX", meta.get("QBX")))
             row = report.add(case=case[0], kernel=kernel, rpb=rpb, grad=grad, walked=walked, warps=nw, stages=ns,
-                             **compile_stats(kernel, meta, nw, ns))
+                             **compile_stats(kernel, meta, nw, ns, case))
             print(row, flush=True)
         for tiles in args.dq_tiles:
             kby, kbx = map(int, tiles.split("x"))
@@ -101,7 +112,7 @@ def main() -> None:
             meta = dict(plan.meta, KBY=kby, KBX=kbx)
             nw, ns = meta.pop("num_warps"), meta.pop("num_stages")
             row = report.add(case=case[0], kernel="dq", rpb=True, grad=True, walked=tiles, warps=nw, stages=ns,
-                             **compile_stats("dq", meta, nw, ns))
+                             **compile_stats("dq", meta, nw, ns, case))
             print(row, flush=True)
     report.save(args.out)
 

@@ -116,7 +116,11 @@ def test_finetune_runs_spread_over_gpus_and_time_out(tmp_path, monkeypatch):
 
 def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
     """benchmarks.na2d_sass compiles the kernels for sm_90 with Triton's ptxas (a process without the interpreter)
-    and reads their resource usage; the dq kernel's d_rpb stores must show up as more stores and registers."""
+    and reads their resource usage; the dq kernel's d_rpb stores must show up as more stores and registers.
+
+    The dS stores go out in 4-byte pairs of keys: 2048 scores per 4 x 8 key block over 128 threads are 16 per
+    thread, 8 stores. That needs the launch's 16-byte alignment attributes, which the tool once left out (every
+    store then compiled to 2 bytes, and the register counts it reported were those of unaligned pointers)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     subprocess.run([sys.executable, "-m", "benchmarks.na2d_sass", "--cases", "nat7", "--out", str(tmp_path)], cwd=ROOT,
                    env=env, check=True, capture_output=True, text=True, timeout=600)
@@ -125,6 +129,7 @@ def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
     assert len(rows) == 7 and all(r["hgmma"] > 0 and 0 < r["registers"] <= 255 for r in rows.values()), rows
     with_grad, without = rows[("dq", True, True)], rows[("dq", True, False)]
     assert with_grad["stg"] > without["stg"] and with_grad["registers"] > without["registers"], rows
+    assert with_grad["stg"] - without["stg"] == 8, rows
 
 
 def test_na2d_opaque_baseline_routes_compiled_calls_through_its_own_op(monkeypatch):

@@ -382,10 +382,10 @@ from benchmarks import na2d_sass as S
 for kernel in ("fwd", "dq", "dkdv"):
     meta = dict(S._plan(S.CASES[3], kernel, True, kernel == "dq").meta)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    sig, consts = S._signature(S.KERNELS[kernel], meta)
+    sig, consts, attrs = S._signature(S.KERNELS[kernel], meta, S.CASES[3])
     sig = {n: "fp64" if n.endswith("scale") else t for n, t in sig.items()}
-    triton.compile(ASTSource(fn=S.KERNELS[kernel], signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=options)
+    triton.compile(ASTSource(fn=S.KERNELS[kernel], signature=sig, constexprs=consts, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options=options)
 print("compiled")
 """
 

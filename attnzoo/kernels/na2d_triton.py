@@ -10,7 +10,8 @@ each other, so every program works on one sub-grid of one (batch, head):
   log-sum-exp (fp32, base 2) for the backward.
 * backward dq (+ delta, + dS for d_rpb): the forward's tiling. It computes ``delta = rowsum(dO * O)`` for
   its queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, dS at each score's
-  window offset, ``[B, heads, H, kh, W, kw]`` (every entry written exactly once: no in-kernel binning).
+  window offset, ``[B, heads, H, kh, W, kw + 1]`` (every entry written exactly once, in 4-byte pairs of keys: no
+  in-kernel binning).
   The host sums that over the batch and bins it by relative offset with two one-hot matmuls:
   deterministic, no atomics, no extra pass over q/k/v.
 * backward dk/dv: one program per tile of keys, looping over the rectangle of queries whose windows can
@@ -102,9 +103,29 @@ def _load_table(RPB, h, srn, KH: tl.constexpr, KW: tl.constexpr, TBL: tl.constex
 
 
 @triton.jit
-def _gather_bias(table, rel_y, rel_x, nb, KW: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
-    """Bias ``[M, N]`` of pairs with relative offsets (rel_y, rel_x) (table indices), 0 off the window."""
-    idx = tl.where(nb, rel_y * (2 * KW - 1) + rel_x, 0)
+def _in_window(d, KS: tl.constexpr):
+    """``0 <= d < KS`` as one unsigned compare (negative offsets wrap to large values)."""
+    return d.to(tl.uint32) < KS
+
+
+@triton.jit
+def _table_coord(py, px, KW: tl.constexpr):
+    """A point's coordinate in the flattened bias table: the pair (query, key) reads entry
+    ``key_coord - query_coord + centre``, so the index of a whole score tile is one subtraction."""
+    return py * (2 * KW - 1) + px
+
+
+@triton.jit
+def _query_coord(py, px, KH: tl.constexpr, KW: tl.constexpr):
+    """A query's table coordinate minus the table centre (``_table_coord`` of the offset (kh-1, kw-1))."""
+    return _table_coord(py, px, KW) - ((KH - 1) * (2 * KW - 1) + KW - 1)
+
+
+@triton.jit
+def _gather_bias(table, key_c, query_c, M: tl.constexpr, N: tl.constexpr, TBL: tl.constexpr):
+    """Bias ``[M, N]`` of the pairs ``key_c - query_c`` (``[M, N]`` by broadcasting). Indices off the window
+    are wrapped into the table by the mask ``TBL - 1``: their values are garbage, and their scores are masked."""
+    idx = (key_c - query_c) & (TBL - 1)
     return tl.reshape(tl.gather(table, tl.reshape(idx, (M * N,)), 0), (M, N))
 
 
@@ -148,6 +169,7 @@ def _na2d_fwd_kernel(Q, K, V, RPB, O, LSE,
     q_wy, q_wx = _win_start(qpy, sub_h, KH), _win_start(qpx, sub_w, KW)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
+        q_c = _query_coord(qpy, qpx, KH, KW)
     y_lo, y_hi, x_lo, x_hi = _key_rect(ty, tx, sub_h, sub_w, KH, KW, BY, BX)
 
     m_i = tl.full([BY * BX], -1.0e30, tl.float32)  # running max (finite: fully masked blocks stay NaN-free)
@@ -164,11 +186,9 @@ def _na2d_fwd_kernel(Q, K, V, RPB, O, LSE,
         v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
         # scores [BY*BX, KBY*KBX]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        dy, dx = kpy[None, :] - q_wy[:, None], kpx[None, :] - q_wx[:, None]
-        nb = (dy >= 0) & (dy < KH) & (dx >= 0) & (dx < KW)
+        nb = _in_window(kpy[None, :] - q_wy[:, None], KH) & _in_window(kpx[None, :] - q_wx[:, None], KW)
         if HAS_RPB:
-            s += _gather_bias(table, kpy[None, :] - qpy[:, None] + KH - 1, kpx[None, :] - qpx[:, None] + KW - 1,
-                              nb, KW, BY * BX, KBY * KBX)
+            s += _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
         s = tl.where(nb, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -194,7 +214,7 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
                         KBY: tl.constexpr, KBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
                         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq = scale * sum_j dS_ij k_j; also delta (stored for dk/dv) and, for d_rpb, dS in window layout
-    (DSNB, ``[B, heads, H, kh, W, kw]`` contiguous). O, DO and DQ share the contiguous output strides (sob..son)."""
+    (DSNB, ``[B, heads, H, kh, W, kw + 1]`` contiguous). O, DO and DQ share the contiguous output strides (sob..son)."""
     b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
     qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
@@ -214,12 +234,22 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
     q_wy, q_wx = _win_start(qpy, sub_h, KH), _win_start(qpx, sub_w, KW)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
+        q_c = _query_coord(qpy, qpx, KH, KW)
     y_lo, y_hi, x_lo, x_hi = _key_rect(ty, tx, sub_h, sub_w, KH, KW, BY, BX)
     if RPB_GRAD:
-        # DSNB offset of (query, window offset dy, dx): ((ds_row + dy) * W + qx) * KW + dx, ds_row [BY*BX, 1].
-        # Queries of one tile row share dy for a key row: their entries are adjacent (x-major, then dx).
-        qy, qx = (qpy * DH + ry)[:, None], (qpx * DW + rx)[:, None]
-        ds_row = ((b * NH + h).to(tl.int64) * H + qy) * KH
+        # dS goes to DSNB [B, heads, H, KH, W, KW + 1] in pairs of adjacent keys (one 4-byte store each): the
+        # query at full resolution (qy, qx) keeps key (ky, kx) of its window at row ky - wy, slot kx - wx_even
+        # (wx_even = wx rounded down to even), so pairs of keys starting at even columns fill aligned pairs of
+        # slots and a pair that overlaps the window stays inside the query's KW + 1 slots; its key outside the
+        # window stores p = 0. The offset ((qy * KH + ky - wy) * W + qx) * (KW + 1) + kx - wx_even is a query
+        # part plus a key part; the program's first query row goes into a 64-bit base pointer and y_lo moves
+        # between the parts, so both fit int32.
+        tl.static_assert(KW % 2 == 1 and KBX % 2 == 0)
+        x_lo = x_lo // 2 * 2  # key blocks start at even columns
+        qy0 = ty * BY * DH + ry
+        ds_base = DSNB + ((b * NH + h).to(tl.int64) * H + qy0) * KH * W * (KW + 1)
+        ds_q = (((qpy * DH + ry - qy0) * KH - (q_wy - y_lo)) * (W * (KW + 1)) + (qpx * DW + rx) * (KW + 1)
+                - q_wx // 2 * 2)  # [BY*BX]
         ds_keep = q_valid[:, None]  # padded query rows are clamped duplicates: written by their owner
 
     dq = tl.zeros([BY * BX, BLOCK_D], tl.float32)
@@ -233,17 +263,20 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
         k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
         v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BY*BX, KBY*KBX]
-        dy, dx = kpy[None, :] - q_wy[:, None], kpx[None, :] - q_wx[:, None]
-        nb = (dy >= 0) & (dy < KH) & (dx >= 0) & (dx < KW)
+        nb = _in_window(kpy[None, :] - q_wy[:, None], KH) & _in_window(kpx[None, :] - q_wx[:, None], KW)
         if HAS_RPB:
-            s += _gather_bias(table, kpy[None, :] - qpy[:, None] + KH - 1, kpx[None, :] - qpx[:, None] + KW - 1,
-                              nb, KW, BY * BX, KBY * KBX)
+            s += _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
         p = tl.where(nb, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if RPB_GRAD:
-            tl.store(DSNB + ((ds_row + dy) * W + qx) * KW + dx, ds.to(DSNB.dtype.element_ty), mask=nb & ds_keep)
+            ds_k = (kpy - y_lo) * (W * (KW + 1)) + kpx  # [KBY*KBX]
+            # the pair meets the window; its first key written as offs_n // 2 * 2 so that Triton sees the mask
+            # constant over pairs (the store vectorizes)
+            pair_nb = (_in_window(kpy[None, :] - q_wy[:, None], KH)
+                       & _in_window((kx0 + offs_n // 2 * 2 % KBX)[None, :] - q_wx[:, None] + 1, KW + 1))
+            tl.store(ds_base + (ds_q[:, None] + ds_k[None, :]), ds.to(DSNB.dtype.element_ty), mask=pair_nb & ds_keep)
 
     tl.store(_tile_ptrs(DQ, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_valid[:, None] & d_mask[None, :])
@@ -270,6 +303,7 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
                 other=0.0)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
+        k_c = _table_coord(kpy, kpx, KW)
     # queries that can see any key of the tile: a rectangle, since window starts are monotone
     y_lo = _first_query(tl.minimum(ty * BY, sub_h - 1), KH)
     y_hi = _last_query(tl.minimum(ty * BY + BY - 1, sub_h - 1), sub_h, KH) + 1
@@ -294,12 +328,10 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
         lse = tl.load(LSE + lse_off)
         delta = tl.load(DELTA + lse_off)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
-        dy = kpy[:, None] - _win_start(qpy, sub_h, KH)[None, :]
-        dx = kpx[:, None] - _win_start(qpx, sub_w, KW)[None, :]
-        nb = (dy >= 0) & (dy < KH) & (dx >= 0) & (dx < KW) & q_in[None, :]
+        nb = (_in_window(kpy[:, None] - _win_start(qpy, sub_h, KH)[None, :], KH)
+              & _in_window(kpx[:, None] - _win_start(qpx, sub_w, KW)[None, :], KW) & q_in[None, :])
         if HAS_RPB:
-            sT += _gather_bias(table, kpy[:, None] - qpy[None, :] + KH - 1, kpx[:, None] - qpx[None, :] + KW - 1,
-                               nb, KW, BY * BX, QBY * QBX)
+            sT += _gather_bias(table, k_c[:, None], _query_coord(qpy, qpx, KH, KW)[None, :], BY * BX, QBY * QBX, TBL)
         pT = tl.where(nb, tl.math.exp2(sT - lse[None, :]), 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -415,25 +447,30 @@ def _map_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    def axis(n: int, ks: int, dil: int) -> torch.Tensor:
+    def axis(n: int, ks: int, dil: int, slots: int) -> torch.Tensor:
         pos = torch.arange(n, device=device)
         p, r = pos // dil, pos % dil
         sub = (n - r + dil - 1) // dil
         start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
-        table_row = (start - p + ks - 1)[:, None] + torch.arange(ks, device=device)[None, :]  # [n, ks] in [0, 2ks-2]
-        return torch.nn.functional.one_hot(table_row.reshape(-1), 2 * ks - 1).to(torch.float32)
+        first = start if slots == ks else start // 2 * 2  # the neighbour of slot 0 (columns start at even keys)
+        offset = (first - start)[:, None] + torch.arange(slots, device=device)[None, :]  # window offset of each slot
+        table_col = torch.where((offset >= 0) & (offset < ks), offset + (start - p + ks - 1)[:, None], 2 * ks - 1)
+        return torch.nn.functional.one_hot(table_col.reshape(-1), 2 * ks)[:, :-1].to(torch.float32)  # no-one: 0
 
-    return (axis(H, kernel_size[0], dilation[0]).T.contiguous(), axis(W, kernel_size[1], dilation[1]))
+    return (axis(H, kernel_size[0], dilation[0], kernel_size[0]).T.contiguous(),
+            axis(W, kernel_size[1], dilation[1], kernel_size[1] + 1))
 
 
 @functools.lru_cache(maxsize=64)
 def rpb_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot matrices that bin window-layout dS into the bias table: ``(my [2kh-1, H*kh], mx [W*kw, 2kw-1])``
-    with ``d_rpb[h] = my @ dS[h].view(H*kh, W*kw) @ mx``.
+    """One-hot matrices that bin window-layout dS into the bias table: ``(my [2kh-1, H*kh], mx [W*(kw+1), 2kw-1])``
+    with ``d_rpb[h] = my @ dS[h].view(H*kh, W*(kw+1)) @ mx``.
 
     The pair (query row y, window row offset dy) holds table row ``ws(y) - y/dh + dy + kh - 1`` (``ws`` the
-    window start on y's dilation sub-grid, in sub-grid units); columns alike. Cached per device; while
+    window start on y's dilation sub-grid, in sub-grid units). Columns alike, except that query column x has
+    ``kw + 1`` slots, slot s holding the key at sub-grid column ``ws(x) // 2 * 2 + s`` (the slot outside the
+    window maps to no table column). Cached per device; while
     torch.compile traces the backward they are built in the graph instead (a cache must not keep traced
     tensors).
     """
@@ -476,8 +513,9 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     kh, kw = kernel_size
-    # dS at each score's window offset (input dtype, as dS enters dq's product); every entry is written
-    dsnb = torch.empty((B, N, H, kh, W, kw), dtype=q.dtype, device=q.device) if rpb_grad else q
+    # dS at each score's window offset (input dtype, as dS enters dq's product; KW + 1 slots per query, see the
+    # dq kernel); every entry is written
+    dsnb = torch.empty((B, N, H, kh, W, kw + 1), dtype=q.dtype, device=q.device) if rpb_grad else q
     rpb_t = q if rpb is None else rpb.contiguous()
     strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb_t.stride(0))
     _DQ(p_dq.grid(B), q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * LOG2E, scale,
@@ -488,4 +526,4 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         return dq, dk, dv, None
     # fixed-order reductions (deterministic): the batch sum, then the binning by relative offset
     my, mx = (_binning if is_fake(q) else rpb_binning)(H, W, kernel_size, dilation, q.device)
-    return dq, dk, dv, my @ dsnb.sum(0, dtype=torch.float32).view(N, H * kh, W * kw) @ mx
+    return dq, dk, dv, my @ dsnb.sum(0, dtype=torch.float32).view(N, H * kh, W * (kw + 1)) @ mx
