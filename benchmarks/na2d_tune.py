@@ -9,13 +9,17 @@ cache), so the timing pass in this process only loads binaries. ``choose_tiles``
     python -m benchmarks.na2d_tune check      # GPU correctness, writes benchmarks/results/na2d_check.{json,md}
     python -m benchmarks.na2d_tune compile    # fill Triton's cache (worker processes)
     python -m benchmarks.na2d_tune sweep      # time the candidates, writes benchmarks/results/na2d_tune.{json,md}
+    git show REV:attnzoo/kernels/na2d_triton.py > base.py
+    python -m benchmarks.na2d_tune ab --baseline base.py   # each kernel against an earlier version, one process
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import multiprocessing as mp
+import sys
 
 import torch
 
@@ -68,10 +72,12 @@ def _tiles(kernel, t):
         T._plan.cache_clear()
 
 
-def _runner(case, kernel, t, with_rpb=True):
+def _runner(case, kernel, t, with_rpb=True, T=None):
     """A closure that launches ``kernel`` of ``case`` with tiles ``t`` (inputs prepared once), with a learned
-    bias (its gradient included) or without one."""
-    from attnzoo.kernels import na2d_triton as T
+    bias (its gradient included) or without one. ``T``: the kernels' module (default attnzoo's), whose own
+    tile choice runs when ``t`` is None."""
+    if T is None:
+        from attnzoo.kernels import na2d_triton as T
 
     _, B, H, W, N, D, k, d = case
     q, kk, v, rpb = _inputs(case)
@@ -81,7 +87,7 @@ def _runner(case, kernel, t, with_rpb=True):
     dout = torch.randn_like(out)
 
     def run():
-        with _tiles(kernel, t):
+        with _tiles(kernel, t) if t is not None else contextlib.nullcontext():
             if kernel == "fwd":
                 return T.na2d_forward(q, kk, v, rpb, (k, k), (d, d), scale)
             return T.na2d_backward(dout, q, kk, v, rpb, out, lse, (k, k), (d, d), scale, True)
@@ -166,6 +172,61 @@ def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, wi
                 best = min(done, key=lambda r: r["ms"])
                 best["best"] = True
                 print(f"best {case[0]:18s} {kernel:5s} {best['tiles']:22s} {best['ms']:.4f} ms", flush=True)
+    return rows
+
+
+def _load_baseline(path: str):
+    """An earlier ``na2d_triton.py`` (e.g. from ``git show``) as its own module."""
+    spec = importlib.util.spec_from_file_location("na2d_triton_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ab_compile_job(job) -> str:
+    from attnzoo.kernels import na2d_triton as T
+
+    baseline, ci, kernel, with_rpb = job
+    try:
+        _runner(CASES[ci], kernel, None, with_rpb, _load_baseline(baseline) if baseline else T)()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # reported by the timing pass
+        return f"{type(e).__name__}"
+
+
+def ab(baseline: str, jobs: int, cases=None, repeats: int = 3) -> list[dict]:
+    """Device time of each kernel, this version against ``baseline``, each at its own tile choice, with and
+    without a bias; the two alternate ``repeats`` times in this process and the medians are reported.
+    Compilation runs first in ``jobs`` worker processes."""
+    import statistics
+
+    from attnzoo.kernels import na2d_triton as T
+
+    picked = [(ci, c) for ci, c in enumerate(CASES) if cases is None or c[0] in cases]
+    work = [(b, ci, kernel, r) for b in (baseline, None) for ci, _ in picked for kernel in KERNELS
+            for r in (True, False)]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_ab_compile_job, work, chunksize=1)
+    versions = {"baseline": _load_baseline(baseline), "current": T}
+    rows = []
+    for _, case in picked:
+        for kernel, with_rpb in itertools.product(KERNELS, (True, False)):
+            runs = {name: _runner(case, kernel, None, with_rpb, mod) for name, mod in versions.items()}
+            ms = {name: [] for name in runs}
+            for _ in range(repeats):
+                for name, fn in runs.items():
+                    times = kernel_times_ms(fn)
+                    ms[name].append(sum(t for n, t in times.items() if KERNEL_NAMES[kernel] in n))
+            row = dict(case=case[0], kernel=kernel, rpb=with_rpb,
+                       **{f"{name}_ms": statistics.median(v) for name, v in ms.items()},
+                       **{f"{name}_spread": (max(v) - min(v)) / statistics.median(v) for name, v in ms.items()})
+            row["speedup"] = row["baseline_ms"] / row["current_ms"]
+            rows.append(row)
+            print(row, flush=True)
+            del runs
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -281,7 +342,7 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "compile", "sweep", "host"],
+    ap.add_argument("what", choices=["check", "compile", "sweep", "host", "ab"],
                     help="check: GPU correctness (na2d_check.*); compile: fill Triton's cache for the sweep in "
                          "worker processes; sweep: time the candidates (na2d_tune.*)")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
@@ -290,9 +351,20 @@ def main() -> None:
     ap.add_argument("--walked", nargs="+", metavar="KBYxKBX",
                     help="compile/sweep: only the candidates with 8x8 owned tiles, 4 warps and these walked blocks")
     ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
+    ap.add_argument("--baseline", help="ab: an earlier na2d_triton.py to time against")
+    ap.add_argument("--name", help="ab: result file name (default na2d_ab)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
-    if args.what == "host":
+    if args.what == "ab":
+        if not args.baseline:
+            ap.error("ab needs --baseline FILE")
+        report = Report(args.name or "na2d_ab", "na2d Triton kernels against an earlier version",
+                        notes="device time of one kernel per call (torch.profiler, mean of 20 calls; median of 3 "
+                              "alternating repeats), bf16, each version at its own tile choice; rpb: with a learned "
+                              "bias (dq then includes the window-layout dS for d_rpb); speedup = baseline / current.")
+        for row in ab(args.baseline, args.jobs, args.cases):
+            report.add(**row)
+    elif args.what == "host":
         report = Report("na2d_host", "na2d forward+backward: wall, device and host submit time",
                         notes="do_bench median (wall), summed kernel device time (profiler) and host submit time "
                               "per call (100 calls without synchronisation), bf16, batch 128.")
