@@ -294,7 +294,7 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
     key = (tuple(q.shape[1:]), q.dtype, ks, dil, True, True, False)
     p_fwd, p_dq, p_dkdv = T._plan("fwd", *key[:5], False, False), T._plan("dq", *key), T._plan("dkdv", *key)
     delta = torch.empty_like(lse)
-    dsnb = torch.empty((B, N, H, k, W, k), dtype=q.dtype, device=q.device)
+    dsnb = torch.empty((B, N, H, k, W, k + 1), dtype=q.dtype, device=q.device)  # the dq kernel's layout
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     strides = (*q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0))
 

@@ -263,7 +263,8 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
         k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
         v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BY*BX, KBY*KBX]
-        nb = _in_window(kpy[None, :] - q_wy[:, None], KH) & _in_window(kpx[None, :] - q_wx[:, None], KW)
+        nb_y = _in_window(kpy[None, :] - q_wy[:, None], KH)
+        nb = nb_y & _in_window(kpx[None, :] - q_wx[:, None], KW)
         if HAS_RPB:
             s += _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
         p = tl.where(nb, tl.math.exp2(s - lse[:, None]), 0.0)
@@ -274,8 +275,7 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
             ds_k = (kpy - y_lo) * (W * (KW + 1)) + kpx  # [KBY*KBX]
             # the pair meets the window; its first key written as offs_n // 2 * 2 so that Triton sees the mask
             # constant over pairs (the store vectorizes)
-            pair_nb = (_in_window(kpy[None, :] - q_wy[:, None], KH)
-                       & _in_window((kx0 + offs_n // 2 * 2 % KBX)[None, :] - q_wx[:, None] + 1, KW + 1))
+            pair_nb = nb_y & _in_window((kx0 + offs_n // 2 * 2 % KBX)[None, :] - q_wx[:, None] + 1, KW + 1)
             tl.store(ds_base + (ds_q[:, None] + ds_k[None, :]), ds.to(DSNB.dtype.element_ty), mask=pair_nb & ds_keep)
 
     tl.store(_tile_ptrs(DQ, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
@@ -447,18 +447,18 @@ def _map_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    def axis(n: int, ks: int, dil: int, slots: int) -> torch.Tensor:
+    def axis(n: int, ks: int, dil: int, paired: bool) -> torch.Tensor:
         pos = torch.arange(n, device=device)
         p, r = pos // dil, pos % dil
         sub = (n - r + dil - 1) // dil
         start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
-        first = start if slots == ks else start // 2 * 2  # the neighbour of slot 0 (columns start at even keys)
+        # paired (columns): ks + 1 slots from the window start rounded down to even, as the dq kernel stores them
+        first, slots = (start // 2 * 2, ks + 1) if paired else (start, ks)
         offset = (first - start)[:, None] + torch.arange(slots, device=device)[None, :]  # window offset of each slot
         table_col = torch.where((offset >= 0) & (offset < ks), offset + (start - p + ks - 1)[:, None], 2 * ks - 1)
         return torch.nn.functional.one_hot(table_col.reshape(-1), 2 * ks)[:, :-1].to(torch.float32)  # no-one: 0
 
-    return (axis(H, kernel_size[0], dilation[0], kernel_size[0]).T.contiguous(),
-            axis(W, kernel_size[1], dilation[1], kernel_size[1] + 1))
+    return (axis(H, kernel_size[0], dilation[0], False).T.contiguous(), axis(W, kernel_size[1], dilation[1], True))
 
 
 @functools.lru_cache(maxsize=64)
