@@ -11,6 +11,7 @@ cache), so the timing pass in this process only loads binaries. ``choose_tiles``
     python -m benchmarks.na2d_tune sweep      # time the candidates, writes benchmarks/results/na2d_tune.{json,md}
     git show REV:attnzoo/kernels/na2d_triton.py > base.py
     python -m benchmarks.na2d_tune ab --baseline base.py   # each kernel against an earlier version, one process
+    python -m benchmarks.na2d_tune drpb       # the d_rpb reduction's constants, writes na2d_drpb.{json,md}
 """
 from __future__ import annotations
 
@@ -230,6 +231,92 @@ def ab(baseline: str, jobs: int, cases=None, repeats: int = 3) -> list[dict]:
     return rows
 
 
+DRPB_CANDIDATES = [(br, bc, progs) for br in (16, 32, 64) for bc in (32, 64, 128, 256)
+                   for progs in (512, 1024, 2048, 4096)]  # (DRPB_BR, DRPB_BC, DRPB_PROGRAMS)
+
+
+@contextlib.contextmanager
+def _drpb_constants(T, cand):
+    """The reduction kernel's module constants set to ``cand`` (a benchmark-side override)."""
+    default = (T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS)
+    T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS = cand
+    try:
+        yield
+    finally:
+        T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS = default
+
+
+def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict]:
+    """The d_rpb reduction (window-layout dS -> bias gradient) per case: round 13's torch path (fp32 batch sum
+    and two one-hot matmuls) against the reduction kernel at each candidate of its constants; device time of
+    all kernels of one call, the bandwidth it reaches over the dS bytes, and the error vs float64. With
+    ``baseline`` (an earlier na2d_triton.py) then the whole backward with a learned bias at the shipped
+    constants and at the sweep's best (geometric mean of time over the best per case) against the baseline,
+    alternating ``repeats`` times in this process (medians)."""
+    import statistics
+
+    from attnzoo.kernels import na2d_triton as T
+    from attnzoo.kernels.na2d_reference import rpb_grad_from_window_ds, window_ds_binning
+    from tests.helpers import rel_l2
+
+    rows = []
+    picked = [c for c in CASES if cases is None or c[0] in cases]
+    shipped = (T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS)
+    for case in picked:
+        name, B, H, W, N, D, k, d = case
+        g = torch.Generator(device="cuda").manual_seed(0)
+        dsnb = torch.randn(B, N, H, k, W, k + 1, device="cuda", generator=g).to(torch.bfloat16)
+        ref = rpb_grad_from_window_ds(dsnb, (k, k), (d, d))
+        gbytes = dsnb.numel() * dsnb.element_size() / 1e9
+
+        def row(variant, fn, **extra):
+            ms = sum(kernel_times_ms(fn).values())
+            r = dict(case=name, variant=variant, **extra, device_ms=ms, gb_per_s=gbytes / ms * 1e3,
+                     rel_l2=rel_l2(fn(), ref))
+            print(r, flush=True)
+            return r
+
+        my, mx = window_ds_binning(H, W, (k, k), (d, d), dsnb.device, torch.float32)  # cached in round 13
+        rows.append(row("torch (round 13)",
+                        lambda: my @ dsnb.sum(0, dtype=torch.float32).view(N, H * k, W * (k + 1)) @ mx))
+        for cand in DRPB_CANDIDATES:
+            try:
+                with _drpb_constants(T, cand):
+                    rows.append(row("kernel", lambda: T.rpb_grad_from_window_ds(dsnb, (k, k), (d, d)), BR=cand[0],
+                                    BC=cand[1], programs=cand[2], shipped=cand == shipped))
+            except Exception as e:  # out of resources
+                print(name, cand, type(e).__name__, flush=True)
+        dsnb = ref = my = mx = None
+        torch.cuda.empty_cache()
+    kern = [r for r in rows if r["variant"] == "kernel"]
+    best_ms = {c[0]: min(r["device_ms"] for r in kern if r["case"] == c[0]) for c in picked}
+    score = {cand: statistics.geometric_mean([r["device_ms"] / best_ms[r["case"]] for r in kern
+                                              if (r["BR"], r["BC"], r["programs"]) == cand]) for cand in DRPB_CANDIDATES
+             if sum((r["BR"], r["BC"], r["programs"]) == cand for r in kern) == len(picked)}
+    best = min(score, key=score.get)
+    print("best overall", best, "score %.3f" % score[best], "shipped", shipped, "score %.3f" % score[shipped],
+          flush=True)
+    if not baseline:
+        return rows
+    versions = {"baseline": _load_baseline(baseline), "current": T}
+    for case in picked:
+        for cand in dict.fromkeys((shipped, best)):
+            with _drpb_constants(T, cand):
+                runs = {n: _runner(case, "dq", None, True, mod) for n, mod in versions.items()}  # whole backward
+                ms = {n: [] for n in runs}
+                for _ in range(repeats):
+                    for n, fn in runs.items():
+                        ms[n].append(sum(kernel_times_ms(fn).values()))
+            r = dict(case=case[0], variant="backward with d_rpb", BR=cand[0], BC=cand[1], programs=cand[2],
+                     shipped=cand == shipped, **{f"{n}_ms": statistics.median(v) for n, v in ms.items()})
+            r["speedup"] = r["baseline_ms"] / r["current_ms"]
+            rows.append(r)
+            print(r, flush=True)
+            runs = None
+            torch.cuda.empty_cache()
+    return rows
+
+
 def host(case_names=("nat7", "nat14", "nat56")) -> list[dict]:
     """Wall time per forward+backward (do_bench) against its device time (profiler), beside all-token SDPA
     in the same harness, and the host's own submit time (no synchronisation, GPU work far below it)."""
@@ -342,16 +429,17 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "compile", "sweep", "host", "ab"],
+    ap.add_argument("what", choices=["check", "compile", "sweep", "host", "ab", "drpb"],
                     help="check: GPU correctness (na2d_check.*); compile: fill Triton's cache for the sweep in "
-                         "worker processes; sweep: time the candidates (na2d_tune.*)")
+                         "worker processes; sweep: time the candidates (na2d_tune.*); drpb: the d_rpb reduction's "
+                         "constants against round 13's torch path (na2d_drpb.*)")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="compile/sweep: kernels")
     ap.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="compile/sweep: cases (default all)")
     ap.add_argument("--walked", nargs="+", metavar="KBYxKBX",
                     help="compile/sweep: only the candidates with 8x8 owned tiles, 4 warps and these walked blocks")
     ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
-    ap.add_argument("--baseline", help="ab: an earlier na2d_triton.py to time against")
+    ap.add_argument("--baseline", help="ab, drpb: an earlier na2d_triton.py to time against")
     ap.add_argument("--name", help="ab: result file name (default na2d_ab)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
@@ -363,6 +451,14 @@ def main() -> None:
                               "alternating repeats), bf16, each version at its own tile choice; rpb: with a learned "
                               "bias (dq then includes the window-layout dS for d_rpb); speedup = baseline / current.")
         for row in ab(args.baseline, args.jobs, args.cases):
+            report.add(**row)
+    elif args.what == "drpb":
+        report = Report("na2d_drpb", "na2d d_rpb reduction: kernel constants against the torch path",
+                        notes="device time of all kernels of one call (torch.profiler, mean of 20 calls), bf16 "
+                              "window-layout dS of each case; gb_per_s over the dS bytes read; rel_l2 vs float64; "
+                              "shipped: the shipped constants; backward with d_rpb: all kernels of the backward "
+                              "against --baseline, median of 3 alternating repeats.")
+        for row in drpb(args.cases, args.baseline):
             report.add(**row)
     elif args.what == "host":
         report = Report("na2d_host", "na2d forward+backward: wall, device and host submit time",

@@ -165,3 +165,35 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
     if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
         return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
     return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements)
+
+
+def window_ds_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                      device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot matrices ``(my [2kh-1, H*kh], mx [W*(kw+1), 2kw-1])`` that bin the Triton dq kernel's window-layout
+    dS ``[B, heads, H, kh, W, kw + 1]`` into the bias table: ``d_rpb[h] = my @ dS[:, h].sum(0).view(H*kh,
+    W*(kw+1)) @ mx``. The definition of that layout, for tests and benchmarks.
+
+    Row ``(y, i)`` (query row y, window row i) holds table row ``ws(y) - y/dh + i + kh - 1`` (``ws`` the window
+    start on y's dilation sub-grid, in sub-grid units). Columns alike, except that query column x has
+    ``kw + 1`` slots, slot s holding the key at sub-grid column ``ws(x) // 2 * 2 + s`` (a slot outside the window
+    maps to no table column).
+    """
+    def one_hot(n: int, ks: int, dil: int, paired: bool) -> torch.Tensor:
+        pos = torch.arange(n, device=device)
+        p, r = pos // dil, pos % dil
+        start = torch.minimum(torch.clamp(p - ks // 2, min=0), (n - r + dil - 1) // dil - ks)
+        first, slots = (start // 2 * 2, ks + 1) if paired else (start, ks)
+        offset = (first - start)[:, None] + torch.arange(slots, device=device)[None, :]
+        index = torch.where((offset >= 0) & (offset < ks), offset + (start - p + ks - 1)[:, None], 2 * ks - 1)
+        return F.one_hot(index.reshape(-1), 2 * ks)[:, :-1].to(dtype)  # the extra class: no table entry
+
+    return (one_hot(H, kernel_size[0], dilation[0], False).T.contiguous(),
+            one_hot(W, kernel_size[1], dilation[1], True))
+
+
+def rpb_grad_from_window_ds(dsnb: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """d_rpb ``[heads, 2kh-1, 2kw-1]`` in ``dtype`` from window-layout dS (:func:`window_ds_binning`)."""
+    B, N, H, kh, W, kw1 = dsnb.shape
+    my, mx = window_ds_binning(H, W, kernel_size, dilation, dsnb.device, dtype)
+    return my @ dsnb.sum(0, dtype=dtype).reshape(N, H * kh, W * kw1) @ mx

@@ -12,8 +12,8 @@ each other, so every program works on one sub-grid of one (batch, head):
   its queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, dS at each score's
   window offset, ``[B, heads, H, kh, W, kw + 1]`` (every entry written exactly once, in 4-byte pairs of keys: no
   in-kernel binning).
-  The host sums that over the batch and bins it by relative offset with two one-hot matmuls:
-  deterministic, no atomics, no extra pass over q/k/v.
+  A reduction kernel sums that over slices of the batch and bins each block by relative offset (two
+  one-hot products); the host sums the partials: deterministic, no atomics, no extra pass over q/k/v.
 * backward dk/dv: one program per tile of keys, looping over the rectangle of queries whose windows can
   hold them (the inverse neighbourhood), in the transposed orientation (``k @ q^T``: keys are rows, so
   dv and dk accumulate without transposing p or dS). Every gradient element is written once.
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from torch._subclasses.fake_tensor import is_fake
 
 from attnzoo.kernels._op import Launcher
 
@@ -348,7 +346,62 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
+@triton.jit
+def _table_index(pos, n, offset, DIL: tl.constexpr, KS: tl.constexpr):
+    """Bias-table index along one axis of the window slot ``offset`` (from the window start) of full-resolution
+    query ``pos`` on an axis of ``n`` points; -1 outside the window."""
+    p, res = pos // DIL, pos % DIL
+    start = _win_start(p, (n - res + DIL - 1) // DIL, KS)
+    return tl.where((offset >= 0) & (offset < KS), start + offset - p + KS - 1, -1)
+
+
+@triton.jit
+def _na2d_drpb_kernel(DSNB, PART, B, H, W, NH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                      DH: tl.constexpr, DW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                      TRP: tl.constexpr, TCP: tl.constexpr):
+    """Partials of d_rpb from the dq kernel's window-layout dS, seen per head as ``[R, C]`` (R = H*kh rows
+    ``(y, window row)``, C = W*(kw+1) columns ``(x, slot)``).
+
+    Program (g, split, h) walks blocks g, g + G, ... of BR x BC of head h; for each it sums the split-th slice
+    of the batch (fp32) and bins the sum by relative offset with two one-hot products (one-hots built from the
+    window starts); it writes its ``[2kh-1, 2kw-1]`` partial to PART[h, :, :, split * G + g] (``[NH, TR, TC,
+    parts]``), which the host sums over its last axis. Every sum runs in a fixed order."""
+    g, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    R, C = H * KH, W * (KW + 1)
+    n_cb = tl.cdiv(C, BC)
+    per_split = tl.cdiv(B, tl.num_programs(1))
+    b_lo = split * per_split
+    b_hi = tl.minimum(b_lo + per_split, B)
+    offs_tr, offs_tc = tl.arange(0, TRP), tl.arange(0, TCP)
+    part = tl.zeros([TRP, TCP], tl.float32)
+    for blk in range(g, tl.cdiv(R, BR) * n_cb, tl.num_programs(0)):
+        offs_r = (blk // n_cb) * BR + tl.arange(0, BR)
+        offs_c = (blk % n_cb) * BC + tl.arange(0, BC)
+        ptrs = (DSNB + (b_lo.to(tl.int64) * NH + h) * R * C
+                + (offs_r[:, None] * C + offs_c[None, :]))  # [BR, BC] of image b_lo
+        mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+        acc = tl.zeros([BR, BC], tl.float32)  # the block summed over this slice of the batch
+        for _ in range(b_lo, b_hi):
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            ptrs += NH * R * C
+        # one-hots: row (y, i) -> table row, column (x, s) -> table column (slot s counts from the window start
+        # rounded down to even); rows and columns past the map match no index
+        y, x = offs_r // KH, offs_c // (KW + 1)
+        t_row = tl.where(offs_r < R, _table_index(y, H, offs_r % KH, DH, KH), -1)
+        x_start = _win_start(x // DW, (W - x % DW + DW - 1) // DW, KW)
+        t_col = tl.where(offs_c < C, _table_index(x, W, x_start // 2 * 2 - x_start + offs_c % (KW + 1), DW, KW), -1)
+        my = (offs_tr[:, None] == t_row[None, :]).to(tl.float32)  # [TRP, BR]
+        mx = (t_col[:, None] == offs_tc[None, :]).to(tl.float32)  # [BC, TCP]
+        part += tl.dot(my, tl.dot(acc, mx, input_precision="ieee"), input_precision="ieee")
+    TR: tl.constexpr = 2 * KH - 1
+    TC: tl.constexpr = 2 * KW - 1
+    parts = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(PART + ((h * TR + offs_tr[:, None]) * TC + offs_tc[None, :]) * parts + split * tl.num_programs(0) + g,
+             part, mask=(offs_tr < TR)[:, None] & (offs_tc < TC)[None, :])
+
+
 _FWD, _DQ, _DKDV = Launcher(_na2d_fwd_kernel), Launcher(_na2d_bwd_dq_kernel), Launcher(_na2d_bwd_dkdv_kernel)
+_DRPB = Launcher(_na2d_drpb_kernel)
 
 
 @dataclass(frozen=True)
@@ -445,36 +498,20 @@ def _map_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(int(n) for n in q.shape[1:])
 
 
-def _binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    def axis(n: int, ks: int, dil: int, paired: bool) -> torch.Tensor:
-        pos = torch.arange(n, device=device)
-        p, r = pos // dil, pos % dil
-        sub = (n - r + dil - 1) // dil
-        start = torch.minimum(torch.clamp(p - ks // 2, min=0), sub - ks)
-        # paired (columns): ks + 1 slots from the window start rounded down to even, as the dq kernel stores them
-        first, slots = (start // 2 * 2, ks + 1) if paired else (start, ks)
-        offset = (first - start)[:, None] + torch.arange(slots, device=device)[None, :]  # window offset of each slot
-        table_col = torch.where((offset >= 0) & (offset < ks), offset + (start - p + ks - 1)[:, None], 2 * ks - 1)
-        return torch.nn.functional.one_hot(table_col.reshape(-1), 2 * ks)[:, :-1].to(torch.float32)  # no-one: 0
-
-    return (axis(H, kernel_size[0], dilation[0], False).T.contiguous(), axis(W, kernel_size[1], dilation[1], True))
+DRPB_BR, DRPB_BC = 16, 64
+"""The d_rpb reduction's block of window-layout dS: rows of H*kh, columns of W*(kw+1)."""
+DRPB_PROGRAMS = 1024
+"""Programs the d_rpb reduction aims for: the blocks are walked by at most this many programs, and the batch is
+split (up to 8 ways) while there are fewer blocks."""
 
 
-@functools.lru_cache(maxsize=64)
-def rpb_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot matrices that bin window-layout dS into the bias table: ``(my [2kh-1, H*kh], mx [W*(kw+1), 2kw-1])``
-    with ``d_rpb[h] = my @ dS[h].view(H*kh, W*(kw+1)) @ mx``.
-
-    The pair (query row y, window row offset dy) holds table row ``ws(y) - y/dh + dy + kh - 1`` (``ws`` the
-    window start on y's dilation sub-grid, in sub-grid units). Columns alike, except that query column x has
-    ``kw + 1`` slots, slot s holding the key at sub-grid column ``ws(x) // 2 * 2 + s`` (the slot outside the
-    window maps to no table column). Cached per device; while
-    torch.compile traces the backward they are built in the graph instead (a cache must not keep traced
-    tensors).
-    """
-    return _binning(H, W, kernel_size, dilation, device)
+def _drpb_grid(batch, heads: int, rows: int, cols: int) -> tuple:
+    """(block walkers per head, batch slices, heads). ``batch`` may be symbolic (torch.compile): no guard on
+    it."""
+    blocks = -(-rows // DRPB_BR) * -(-cols // DRPB_BC)
+    per_head = max(1, DRPB_PROGRAMS // heads)
+    slices = max(1, min(8, per_head // blocks))
+    return min(blocks, max(1, per_head // slices)), torch.sym_min(slices, batch), heads
 
 
 def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
@@ -498,9 +535,9 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   out: torch.Tensor, lse: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
                   scale: float, rpb_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fused backward in two kernel launches: ``(dq, dk, dv, drpb)``, drpb (float32) None unless ``rpb_grad``
-    (then a batch sum and two small matmuls follow).
+    (then the d_rpb reduction kernel and a sum of its partials follow).
 
-    d_rpb is a batch sum and two one-hot products of the window-layout dS, so it is bit-identical across runs.
+    d_rpb is a fixed-order reduction of the window-layout dS, so it is bit-identical across runs.
     """
     q, k, v = _prep(q), _prep(k), _prep(v)
     dout = dout.contiguous()
@@ -524,6 +561,20 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
           **p_dkdv.meta)
     if not rpb_grad:
         return dq, dk, dv, None
-    # fixed-order reductions (deterministic): the batch sum, then the binning by relative offset
-    my, mx = (_binning if is_fake(q) else rpb_binning)(H, W, kernel_size, dilation, q.device)
-    return dq, dk, dv, my @ dsnb.sum(0, dtype=torch.float32).view(N, H * kh, W * (kw + 1)) @ mx
+    # fixed-order reductions (deterministic): per block, a batch slice's sum binned by relative offset; then the
+    # sum of the partials
+    return dq, dk, dv, rpb_grad_from_window_ds(dsnb, kernel_size, dilation)
+
+
+def rpb_grad_from_window_ds(dsnb: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int]
+                            ) -> torch.Tensor:
+    """d_rpb ``[heads, 2kh-1, 2kw-1]`` (float32) from the dq kernel's window-layout dS ``[B, heads, H, kh, W, kw+1]``
+    (``na2d_reference.rpb_grad_from_window_ds`` computes the same), as one reduction kernel and a sum of its
+    partials."""
+    B, N, H, kh, W, _ = dsnb.shape
+    kw = kernel_size[1]
+    grid = _drpb_grid(B, N, H * kh, W * (kw + 1))
+    part = torch.empty((N, 2 * kh - 1, 2 * kw - 1, grid[0] * grid[1]), dtype=torch.float32, device=dsnb.device)
+    _DRPB(grid, dsnb, part, B, H, W, NH=N, KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], BR=DRPB_BR, BC=DRPB_BC,
+          TRP=max(16, _p2(2 * kh - 1)), TCP=max(16, _p2(2 * kw - 1)), num_warps=4)
+    return part.sum(-1)
