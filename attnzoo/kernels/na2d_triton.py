@@ -1,4 +1,4 @@
-"""Fused Triton 2-D neighborhood attention: one forward kernel and two backward kernels.
+"""Fused Triton 2-D neighborhood attention: one forward kernel, two backward kernels and d_rpb's reduction.
 
 Structure (FNA-style). Dilation splits each axis into ``d`` interleaved sub-grids that never attend to
 each other, so every program works on one sub-grid of one (batch, head):
@@ -12,11 +12,12 @@ each other, so every program works on one sub-grid of one (batch, head):
   its queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, dS at each score's
   window offset, ``[B, heads, H, kh, W, kw + 1]`` (every entry written exactly once, in 4-byte pairs of keys: no
   in-kernel binning).
-  A reduction kernel sums that over slices of the batch and bins each block by relative offset (two
-  one-hot products); the host sums the partials: deterministic, no atomics, no extra pass over q/k/v.
 * backward dk/dv: one program per tile of keys, looping over the rectangle of queries whose windows can
   hold them (the inverse neighbourhood), in the transposed orientation (``k @ q^T``: keys are rows, so
   dv and dk accumulate without transposing p or dS). Every gradient element is written once.
+* d_rpb: a reduction kernel sums dq's window-layout dS over slices of the batch and bins each block by
+  relative offset (two one-hot products); the host sums the partials: deterministic, no atomics, no extra
+  pass over q/k/v.
 
 Relative position bias: each program loads its head's whole ``(2kh-1) x (2kw-1)`` table once (padded to
 ``TBL``, a power of two, log2(e) folded in) and picks each score's bias with ``tl.gather``.
