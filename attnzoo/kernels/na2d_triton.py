@@ -345,7 +345,7 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
 
 
 # ------------------------------------------------------------------------------------------------
-# Host side
+# d_rpb reduction
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _table_index(pos, n, offset, DIL: tl.constexpr, KS: tl.constexpr):
@@ -401,6 +401,9 @@ def _na2d_drpb_kernel(DSNB, PART, B, H, W, NH: tl.constexpr, KH: tl.constexpr, K
              part, mask=(offs_tr < TR)[:, None] & (offs_tc < TC)[None, :])
 
 
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
 _FWD, _DQ, _DKDV = Launcher(_na2d_fwd_kernel), Launcher(_na2d_bwd_dq_kernel), Launcher(_na2d_bwd_dkdv_kernel)
 _DRPB = Launcher(_na2d_drpb_kernel)
 
