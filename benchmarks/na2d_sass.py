@@ -38,7 +38,7 @@ def _signature(jit, meta: dict, case) -> tuple[dict, dict, dict]:
     (Triton specializes 16-byte aligned pointers and int arguments divisible by 16; alignment decides whether
     loads and stores vectorize)."""
     _, H, W, N, D, k, _ = case
-    ints = dict(H=H, W=W, srn=(2 * k - 1) ** 2)
+    ints = dict(B=128, H=H, W=W, srn=(2 * k - 1) ** 2)
     for t in "qkvo":
         ints.update({f"s{t}b": H * W * N * D, f"s{t}h": W * N * D, f"s{t}w": N * D, f"s{t}n": D})
     sig, consts, attrs = {}, {}, {}

@@ -30,7 +30,7 @@ from benchmarks.harness import RESULTS_DIR, Report, kernel_times_ms, time_ms
 CASES = [("nat56", 128, 56, 56, 2, 32, 7, 1), ("nat28", 128, 28, 28, 4, 32, 7, 1), ("nat14", 128, 14, 14, 8, 32, 7, 1),
          ("nat7", 128, 7, 7, 16, 32, 7, 1), ("dinat56_d8", 128, 56, 56, 2, 32, 7, 8),
          ("hires256_k13_d64", 4, 256, 256, 4, 64, 13, 1)]
-# (BY, BX, KBY, KBX, num_warps, num_stages): owned tile, walked block
+# (BY, BX, KBY, KBX, num_warps, num_stages): owned tile, walked block (the sweep adds images per program)
 CANDIDATES = [(8, 8, 4, 16, 4, 2), (8, 8, 4, 16, 4, 3), (8, 8, 2, 16, 4, 3), (8, 8, 8, 8, 4, 3), (8, 8, 4, 8, 4, 3),
               (8, 8, 2, 8, 4, 3), (8, 8, 1, 16, 4, 3),
               (8, 8, 2, 32, 4, 3), (8, 8, 4, 16, 2, 3), (16, 8, 4, 16, 4, 3), (16, 8, 4, 16, 8, 3),
@@ -142,10 +142,12 @@ def check() -> list[dict]:
     return rows
 
 
-def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True, walked=None) -> list[dict]:
+def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True, walked=None,
+          imgs=(1,)) -> list[dict]:
     from attnzoo.kernels import na2d_triton as T
 
-    cands = [c for c in CANDIDATES if walked is None or (c[:2] == (8, 8) and c[4] == 4 and f"{c[2]}x{c[3]}" in walked)]
+    cands = [c + (i,) for c in CANDIDATES for i in imgs
+             if walked is None or (c[:2] == (8, 8) and c[4] == 4 and f"{c[2]}x{c[3]}" in walked)]
     work = [(ci, kernel, cand, with_rpb) for ci, case in enumerate(CASES) for kernel in kernels for cand in cands
             if (cases is None or case[0] in cases) and _valid(case, T.Tiles(*cand))]
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -155,7 +157,7 @@ def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, wi
     rows = []
     for (ci, kernel, cand, _), st in zip(work, status):
         case, t = CASES[ci], T.Tiles(*cand)
-        row = dict(case=case[0], kernel=kernel, tiles="{}x{}/{}x{} w{} s{}".format(*cand), rpb=with_rpb)
+        row = dict(case=case[0], kernel=kernel, tiles="{}x{}/{}x{} w{} s{} i{}".format(*cand), rpb=with_rpb)
         if st != "ok":
             rows.append(dict(row, error=st))
             continue
@@ -381,7 +383,7 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
     key = (tuple(q.shape[1:]), q.dtype, ks, dil, True, True, False)
     p_fwd, p_dq, p_dkdv = T._plan("fwd", *key[:5], False, False), T._plan("dq", *key), T._plan("dkdv", *key)
     delta = torch.empty_like(lse)
-    dsnb = torch.empty((B, N, H, k, W, k + 1), dtype=q.dtype, device=q.device)  # the dq kernel's layout
+    dsnb = torch.empty((p_dq.groups(B), N, H, k, W, k + 1), dtype=q.dtype, device=q.device)  # dq's layout
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     strides = (*q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0))
 
@@ -398,16 +400,16 @@ def _launch_rows(name, q, kk, v, rpb, dout, k, d) -> list[dict]:
     pieces = {
         "launch fwd kernel, JIT": lambda: T._na2d_fwd_kernel[p_fwd.grid(B)](
             q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4], *out.stride()[:4],
-            rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
+            rpb.stride(0), B, H, W, scale * T.LOG2E, **p_fwd.meta),
         "launch dq kernel, JIT": lambda: T._na2d_bwd_dq_kernel[p_dq.grid(B)](
-            q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale, **p_dq.meta),
+            q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, B, H, W, scale * T.LOG2E, scale, **p_dq.meta),
         "launch dkdv kernel, JIT": lambda: T._na2d_bwd_dkdv_kernel[p_dkdv.grid(B)](
-            q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
+            q, kk, v, rpb, dout, lse, delta, dk, dv, *strides, B, H, W, scale * T.LOG2E, scale, **p_dkdv.meta),
         "launch fwd kernel, Launcher (cached)": lambda: T._FWD(
             p_fwd.grid(B), q, kk, v, rpb, out, lse, *q.stride()[:4], *kk.stride()[:4], *v.stride()[:4],
-            *out.stride()[:4], rpb.stride(0), H, W, scale * T.LOG2E, **p_fwd.meta),
+            *out.stride()[:4], rpb.stride(0), B, H, W, scale * T.LOG2E, **p_fwd.meta),
         "launch dq kernel, Launcher (cached)": lambda: T._DQ(
-            p_dq.grid(B), q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * T.LOG2E, scale,
+            p_dq.grid(B), q, kk, v, rpb, out, dout, lse, delta, dq, dsnb, *strides, B, H, W, scale * T.LOG2E, scale,
             **p_dq.meta),
         "na2d_forward (host fn)": lambda: T.na2d_forward(q, kk, v, rpb, ks, dil, scale),
         "na2d_backward (host fn)": lambda: T.na2d_backward(dout, q, kk, v, rpb, out, lse, ks, dil, scale, True),
@@ -439,8 +441,10 @@ def main() -> None:
     ap.add_argument("--walked", nargs="+", metavar="KBYxKBX",
                     help="compile/sweep: only the candidates with 8x8 owned tiles, 4 warps and these walked blocks")
     ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
+    ap.add_argument("--imgs", nargs="+", type=int, default=[1], choices=[1, 2],
+                    help="compile/sweep: images per program of each candidate")
     ap.add_argument("--baseline", help="ab, drpb: an earlier na2d_triton.py to time against")
-    ap.add_argument("--name", help="ab: result file name (default na2d_ab)")
+    ap.add_argument("--name", help="ab, sweep: result file name (default na2d_ab, na2d_tune)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
     if args.what == "ab":
@@ -473,12 +477,12 @@ def main() -> None:
         for row in check():
             report.add(**row)
     else:
-        report = Report("na2d_tune", "na2d Triton kernels: tile sweep",
+        report = Report(args.name or "na2d_tune", "na2d Triton kernels: tile sweep",
                         notes="device time of one kernel per call (torch.profiler, mean of 20 calls), bf16; rpb: "
                               "with a learned bias (dq then includes the window-layout dS for d_rpb) or without one; "
                               "dq always includes delta.")
         for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases,
-                         with_rpb=not args.no_rpb, walked=args.walked):
+                         with_rpb=not args.no_rpb, walked=args.walked, imgs=args.imgs):
             report.add(**row)
         if args.what == "compile":
             return

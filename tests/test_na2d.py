@@ -2,6 +2,7 @@
 gradients, poisoned outputs, deterministic d_rpb, custom-op registration, and every input error."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -163,17 +164,19 @@ def test_triton_strided_inputs_and_fp32_rpb_with_fp16():
     assert_rel_l2(out, ref, REL_L2_TOL[torch.float16])
 
 
+def _poisoned_empty(real_empty):
+    """``torch.empty`` whose floating-point tensors start as NaN."""
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    return empty
+
+
 @pytest.mark.triton_interpret
 def test_triton_writes_every_output_element(monkeypatch):
     """Every buffer the op allocates with torch.empty starts as NaN; nothing may survive in the results."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
     q, k, v, rpb = _inputs(2, 11, 9, 2, 24, (5, 3), with_rpb=True, requires_grad=True)
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
     out = na2d(q, k, v, (5, 3), (2, 3), rpb, backend="triton")
     grads = torch.autograd.grad(out, (q, k, v, rpb), torch.randn_like(out))
     monkeypatch.undo()
@@ -203,13 +206,37 @@ def test_triton_deterministic_rpb_grad():
 
 @pytest.mark.triton_interpret
 def test_triton_backward_tiles_of_mid_size_maps():
-    """Sub-grids of 17-32 points per side take 4 x 8 walked blocks in both backward kernels (the random cases'
-    maps are smaller): every gradient against the float64 reference, bias included."""
+    """Sub-grids of 17-32 points per side take 4 x 8 walked blocks in both backward kernels, and 2 x 8 blocks of two
+    images in dq with a bias gradient (the random cases' maps are smaller): every gradient against the float64
+    reference, bias included."""
     from attnzoo.kernels import na2d_triton as T
 
     assert (T.choose_tiles("dq", 20, 22, (5, 3), 16).KBX, T.choose_tiles("dkdv", 20, 22, (5, 3), 16).KBX) == (8, 8)
+    assert T.choose_tiles("dq", 20, 22, (5, 3), 16, rpb_grad=True) == T.Tiles(8, 8, 2, 8, 4, 3, imgs=2)
     _check_triton_vs_reference(dict(B=1, H=20, W=22, N=1, D=16, kernel_size=(5, 3), dilation=(1, 1), with_rpb=True,
                                     rpb_grad=True, dtype=torch.float32), "cpu")
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("imgs", [1, 2])
+def test_triton_images_per_program_with_an_odd_batch(imgs, monkeypatch):
+    """All three kernels with one or two images per program on a batch of 3 (with two, the last program has one
+    image; dq's summed window-layout dS then has 2 groups): outputs and every gradient against the float64
+    reference, with every buffer the op allocates poisoned with NaN."""
+    import dataclasses
+
+    from attnzoo.kernels import na2d_triton as T
+
+    default = T.choose_tiles
+    monkeypatch.setattr(T, "choose_tiles", lambda *a: dataclasses.replace(default(*a), imgs=imgs))
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    T._plan.cache_clear()
+    try:
+        _check_triton_vs_reference(dict(B=3, H=13, W=10, N=2, D=16, kernel_size=(5, 3), dilation=(2, 1),
+                                        with_rpb=True, rpb_grad=True, dtype=torch.float32), "cpu")
+    finally:
+        monkeypatch.undo()
+        T._plan.cache_clear()
 
 
 @pytest.mark.triton_interpret
@@ -237,13 +264,14 @@ def test_triton_rpb_grad_reduction_blocks_and_batch_splits(programs, grid, dtype
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [8, 32, 64, 96, 128])
 def test_tiles_pipeline_fits_shared_memory(kernel, itemsize, head_dim):
-    """num_stages copies of the walked k/v (or q/dO) blocks fit the pipeline's shared-memory budget: float32
-    heads of 96-128 with 3 stages of 8 x 8 dq blocks asked an H200 for 240 KiB (OutOfResources)."""
+    """num_stages copies of each image's walked k/v (or q/dO) blocks fit the pipeline's shared-memory budget:
+    float32 heads of 96-128 with 3 stages of 8 x 8 dq blocks asked an H200 for 240 KiB (OutOfResources)."""
     from attnzoo.kernels import na2d_triton as T
 
-    for sub, ks in (((40, 40), (11, 7)), ((56, 56), (7, 7)), ((7, 7), (7, 7)), ((45, 31), (13, 13))):
-        t = T.choose_tiles(kernel, *sub, ks, head_dim, itemsize)
-        walked = 2 * t.KBY * t.KBX * max(16, T._p2(head_dim)) * itemsize
+    for sub, ks, grad in itertools.product(((40, 40), (56, 56), (7, 7), (45, 31)), ((11, 7), (7, 7), (13, 13)),
+                                           (False, True)):
+        t = T.choose_tiles(kernel, *sub, ks, head_dim, itemsize, grad)
+        walked = 2 * t.imgs * t.KBY * t.KBX * max(16, T._p2(head_dim)) * itemsize
         assert 1 <= t.num_stages and t.num_stages * walked <= T.PIPELINE_SMEM, (sub, ks, t)
 
 

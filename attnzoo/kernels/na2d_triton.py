@@ -1,7 +1,8 @@
 """Fused Triton 2-D neighborhood attention: one forward kernel, two backward kernels and d_rpb's reduction.
 
 Structure (FNA-style). Dilation splits each axis into ``d`` interleaved sub-grids that never attend to
-each other, so every program works on one sub-grid of one (batch, head):
+each other, so every program works on one sub-grid of one head for ``IMGS`` (1 or 2) images of the batch; two
+images share each block's indices, window masks and gathered bias (``choose_tiles`` picks per kernel):
 
 * forward: one program per tile of ``BY x BX`` queries. Window starts are monotone in the query
   position, so the union of the tile's neighbourhoods is a rectangle of at most
@@ -10,8 +11,8 @@ each other, so every program works on one sub-grid of one (batch, head):
   log-sum-exp (fp32, base 2) for the backward.
 * backward dq (+ delta, + dS for d_rpb): the forward's tiling. It computes ``delta = rowsum(dO * O)`` for
   its queries (stored for the dk/dv kernel), dq, and, when the bias needs a gradient, dS at each score's
-  window offset, ``[B, heads, H, kh, W, kw + 1]`` (every entry written exactly once, in 4-byte pairs of keys: no
-  in-kernel binning).
+  window offset summed over the program's images, ``[cdiv(B, IMGS), heads, H, kh, W, kw + 1]`` (every entry
+  written exactly once, in 4-byte pairs of keys: no in-kernel binning).
 * backward dk/dv: one program per tile of keys, looping over the rectangle of queries whose windows can
   hold them (the inverse neighbourhood), in the transposed orientation (``k @ q^T``: keys are rows, so
   dv and dk accumulate without transposing p or dS). Every gradient element is written once.
@@ -151,93 +152,166 @@ def _key_rect(ty, tx, sub_h, sub_w, KH: tl.constexpr, KW: tl.constexpr, BY: tl.c
 # Forward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _fwd_block(q, K, V, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb, svh, svw, svn, offs_d, k_in,
+               nb, bias, m_i, l_i, acc, qk_scale, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One image's online-softmax step over one key block: k/v tiles [KBY*KBX, BLOCK_D] of batch b."""
+    k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
+    v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # scores [BY*BX, KBY*KBX]
+    if HAS_RPB:
+        s += bias
+    s = tl.where(nb, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_store(O, LSE, b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, d_mask, row_ok,
+               m_i, l_i, acc):
+    """One image's output rows and log-sum-exp (base 2), for the rows in ``row_ok``."""
+    tl.store(_tile_ptrs(O, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(LSE + _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW), m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
 def _na2d_fwd_kernel(Q, K, V, RPB, O, LSE,
                      sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, srn,
-                     H, W, qk_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                     B, H, W, qk_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                      KH: tl.constexpr, KW: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
                      KBY: tl.constexpr, KBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
-                     HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
-    b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+                     IMGS: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """IMGS (1 or 2) images per program share the key blocks' indices, masks and gathered bias."""
+    tl.static_assert(IMGS == 1 or IMGS == 2)
+    g, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    b0 = g * IMGS
     qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    # q tile [BY*BX, BLOCK_D]
-    q = tl.load(_tile_ptrs(Q, b, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d), mask=d_mask[None, :],
-                other=0.0)
+    # q tile [BY*BX, BLOCK_D] per image; m_i running max (finite: fully masked blocks stay NaN-free), l_i running
+    # sum of exp2(s - m_i), acc running sum of p @ v
+    q0 = tl.load(_tile_ptrs(Q, b0, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d), mask=d_mask[None, :],
+                 other=0.0)
+    m0, l0 = tl.full([BY * BX], -1.0e30, tl.float32), tl.zeros([BY * BX], tl.float32)
+    acc0 = tl.zeros([BY * BX, BLOCK_D], tl.float32)
+    if IMGS == 2:
+        b1 = b0 + 1
+        ok1 = b1 < B  # an odd batch leaves the last program one image
+        q1 = tl.load(_tile_ptrs(Q, b1, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d),
+                     mask=d_mask[None, :] & ok1, other=0.0)
+        m1, l1 = tl.full([BY * BX], -1.0e30, tl.float32), tl.zeros([BY * BX], tl.float32)
+        acc1 = tl.zeros([BY * BX, BLOCK_D], tl.float32)
     q_wy, q_wx = _win_start(qpy, sub_h, KH), _win_start(qpx, sub_w, KW)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
         q_c = _query_coord(qpy, qpx, KH, KW)
     y_lo, y_hi, x_lo, x_hi = _key_rect(ty, tx, sub_h, sub_w, KH, KW, BY, BX)
 
-    m_i = tl.full([BY * BX], -1.0e30, tl.float32)  # running max (finite: fully masked blocks stay NaN-free)
-    l_i = tl.zeros([BY * BX], tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BY * BX, BLOCK_D], tl.float32)  # running sum of p @ v
     offs_n = tl.arange(0, KBY * KBX)
     n_kx = tl.cdiv(x_hi - x_lo, KBX)
     for blk in range(0, tl.cdiv(y_hi - y_lo, KBY) * n_kx):
-        # key block: KBY x KBX sub-grid points of the rectangle, k/v tiles [KBY*KBX, BLOCK_D]
+        # key block: KBY x KBX sub-grid points of the rectangle; its masks and bias serve every image
         kpy = y_lo + (blk // n_kx) * KBY + offs_n // KBX
         kpx = x_lo + (blk % n_kx) * KBX + offs_n % KBX
         k_in = ((kpy < y_hi) & (kpx < x_hi))[:, None] & d_mask[None, :]
-        k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
-        v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
-        # scores [BY*BX, KBY*KBX]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         nb = _in_window(kpy[None, :] - q_wy[:, None], KH) & _in_window(kpx[None, :] - q_wx[:, None], KW)
         if HAS_RPB:
-            s += _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
-        s = tl.where(nb, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+            bias = _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
+        else:
+            bias = nb  # not read without a bias
+        m0, l0, acc0 = _fwd_block(q0, K, V, b0, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb, svh, svw, svn,
+                                  offs_d, k_in, nb, bias, m0, l0, acc0, qk_scale, HAS_RPB, DOT_PREC)
+        if IMGS == 2:
+            m1, l1, acc1 = _fwd_block(q1, K, V, b1, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb, svh, svw,
+                                      svn, offs_d, k_in & ok1, nb, bias, m1, l1, acc1, qk_scale, HAS_RPB, DOT_PREC)
 
-    out = acc / l_i[:, None]
-    tl.store(_tile_ptrs(O, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), out.to(O.dtype.element_ty),
-             mask=q_valid[:, None] & d_mask[None, :])
-    tl.store(LSE + _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW), m_i + tl.math.log2(l_i), mask=q_valid)
+    _fwd_store(O, LSE, b0, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, d_mask, q_valid,
+               m0, l0, acc0)
+    if IMGS == 2:
+        _fwd_store(O, LSE, b1, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, d_mask, q_valid & ok1,
+                   m1, l1, acc1)
 
 
 # ------------------------------------------------------------------------------------------------
 # Backward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _dq_prologue(Q, DO, O, LSE, DELTA, b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, sob, soh, sow,
+                 son, offs_d, d_mask, row_ok, ok, MAY_SKIP: tl.constexpr):
+    """One image's q and dO tiles ``[BY*BX, BLOCK_D]``, its lse and delta = rowsum(dO * O) (fp32; stored for the
+    dk/dv kernel). With MAY_SKIP, an image past the batch (``ok`` false) loads zeros and lse = inf, so its p and dS
+    are 0 (the program's first image is always in the batch: its loads keep their plain masks)."""
+    m = d_mask[None, :]
+    if MAY_SKIP:
+        m = m & ok
+        row_ok = row_ok & ok
+    q = tl.load(_tile_ptrs(Q, b, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d), mask=m, other=0.0)
+    do = tl.load(_tile_ptrs(DO, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), mask=m, other=0.0)
+    o = tl.load(_tile_ptrs(O, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), mask=m, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse_off = _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW)
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
+    if MAY_SKIP:
+        lse = tl.load(LSE + lse_off, mask=ok, other=float("inf"))
+    else:
+        lse = tl.load(LSE + lse_off)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _dq_block(q, do, lse, delta, K, V, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb, svh, svw, svn,
+              offs_d, k_in, nb, bias, dq, qk_scale, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One image's step over one key block: ``(dq + dS @ k, dS)`` with dS ``[BY*BX, KBY*KBX]`` fp32."""
+    k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
+    v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_RPB:
+        s += bias
+    p = tl.where(nb, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC), ds
+
+
+@triton.jit
 def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
                         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, srn,
-                        H, W, qk_scale, sm_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
+                        B, H, W, qk_scale, sm_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
                         DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
                         KBY: tl.constexpr, KBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
-                        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, DOT_PREC: tl.constexpr):
+                        IMGS: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq = scale * sum_j dS_ij k_j; also delta (stored for dk/dv) and, for d_rpb, dS in window layout
-    (DSNB, ``[B, heads, H, kh, W, kw + 1]`` contiguous). O, DO and DQ share the contiguous output strides (sob..son)."""
-    b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    (DSNB, ``[cdiv(B, IMGS), heads, H, kh, W, kw + 1]`` contiguous: the program's IMGS images summed, so one store
+    serves them all). O, DO and DQ share the contiguous output strides (sob..son)."""
+    tl.static_assert(IMGS == 1 or IMGS == 2)
+    g, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    b0 = g * IMGS
     qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     qpy, qpx, q_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    # q, dO, O tiles [BY*BX, BLOCK_D]; delta = rowsum(dO * O) in fp32
-    q = tl.load(_tile_ptrs(Q, b, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d), mask=d_mask[None, :],
-                other=0.0)
-    do = tl.load(_tile_ptrs(DO, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), mask=d_mask[None, :],
-                 other=0.0)
-    o = tl.load(_tile_ptrs(O, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), mask=d_mask[None, :],
-                other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse_off = _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW)
-    tl.store(DELTA + lse_off, delta, mask=q_valid)
-    lse = tl.load(LSE + lse_off)
+    q0, do0, lse0, delta0 = _dq_prologue(Q, DO, O, LSE, DELTA, b0, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb, sqh,
+                                         sqw, sqn, sob, soh, sow, son, offs_d, d_mask, q_valid, True, False)
+    dq0 = tl.zeros([BY * BX, BLOCK_D], tl.float32)
+    if IMGS == 2:
+        b1 = b0 + 1
+        ok1 = b1 < B  # an odd batch leaves the last program one image
+        q1, do1, lse1, delta1 = _dq_prologue(Q, DO, O, LSE, DELTA, b1, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb,
+                                             sqh, sqw, sqn, sob, soh, sow, son, offs_d, d_mask, q_valid, ok1, True)
+        dq1 = tl.zeros([BY * BX, BLOCK_D], tl.float32)
     q_wy, q_wx = _win_start(qpy, sub_h, KH), _win_start(qpx, sub_w, KW)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
         q_c = _query_coord(qpy, qpx, KH, KW)
     y_lo, y_hi, x_lo, x_hi = _key_rect(ty, tx, sub_h, sub_w, KH, KW, BY, BX)
     if RPB_GRAD:
-        # dS goes to DSNB [B, heads, H, KH, W, KW + 1] in pairs of adjacent keys (one 4-byte store each): the
-        # query at full resolution (qy, qx) keeps key (ky, kx) of its window at row ky - wy, slot kx - wx_even
+        # dS goes to DSNB [cdiv(B, IMGS), heads, H, KH, W, KW + 1] in pairs of adjacent keys (one 4-byte store each):
+        # the query at full resolution (qy, qx) keeps key (ky, kx) of its window at row ky - wy, slot kx - wx_even
         # (wx_even = wx rounded down to even), so pairs of keys starting at even columns fill aligned pairs of
         # slots and a pair that overlaps the window stays inside the query's KW + 1 slots; its key outside the
         # window stores p = 0. The offset ((qy * KH + ky - wy) * W + qx) * (KW + 1) + kx - wx_even is a query
@@ -246,30 +320,31 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
         tl.static_assert(KW % 2 == 1 and KBX % 2 == 0)
         x_lo = x_lo // 2 * 2  # key blocks start at even columns
         qy0 = ty * BY * DH + ry
-        ds_base = DSNB + ((b * NH + h).to(tl.int64) * H + qy0) * KH * W * (KW + 1)
+        ds_base = DSNB + ((g * NH + h).to(tl.int64) * H + qy0) * KH * W * (KW + 1)
         ds_q = (((qpy * DH + ry - qy0) * KH - (q_wy - y_lo)) * (W * (KW + 1)) + (qpx * DW + rx) * (KW + 1)
                 - q_wx // 2 * 2)  # [BY*BX]
         ds_keep = q_valid[:, None]  # padded query rows are clamped duplicates: written by their owner
 
-    dq = tl.zeros([BY * BX, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, KBY * KBX)
     n_kx = tl.cdiv(x_hi - x_lo, KBX)
     for blk in range(0, tl.cdiv(y_hi - y_lo, KBY) * n_kx):
+        # key block: KBY x KBX sub-grid points of the rectangle; its masks and bias serve every image
         ky0 = y_lo + (blk // n_kx) * KBY
         kx0 = x_lo + (blk % n_kx) * KBX
         kpy, kpx = ky0 + offs_n // KBX, kx0 + offs_n % KBX
         k_in = ((kpy < y_hi) & (kpx < x_hi))[:, None] & d_mask[None, :]
-        k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=k_in, other=0.0)
-        v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=k_in, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BY*BX, KBY*KBX]
         nb_y = _in_window(kpy[None, :] - q_wy[:, None], KH)
         nb = nb_y & _in_window(kpx[None, :] - q_wx[:, None], KW)
         if HAS_RPB:
-            s += _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
-        p = tl.where(nb, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            bias = _gather_bias(table, _table_coord(kpy, kpx, KW)[None, :], q_c[:, None], BY * BX, KBY * KBX, TBL)
+        else:
+            bias = nb  # not read without a bias
+        dq0, ds = _dq_block(q0, do0, lse0, delta0, K, V, b0, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb, svh,
+                            svw, svn, offs_d, k_in, nb, bias, dq0, qk_scale, HAS_RPB, DOT_PREC)
+        if IMGS == 2:
+            dq1, ds1 = _dq_block(q1, do1, lse1, delta1, K, V, b1, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, svb,
+                                 svh, svw, svn, offs_d, k_in & ok1, nb, bias, dq1, qk_scale, HAS_RPB, DOT_PREC)
+            ds += ds1
         if RPB_GRAD:
             ds_k = (kpy - y_lo) * (W * (KW + 1)) + kpx  # [KBY*KBX]
             # the pair meets the window; its first key written as offs_n // 2 * 2 so that Triton sees the mask
@@ -277,29 +352,89 @@ def _na2d_bwd_dq_kernel(Q, K, V, RPB, O, DO, LSE, DELTA, DQ, DSNB,
             pair_nb = nb_y & _in_window((kx0 + offs_n // 2 * 2 % KBX)[None, :] - q_wx[:, None] + 1, KW + 1)
             tl.store(ds_base + (ds_q[:, None] + ds_k[None, :]), ds.to(DSNB.dtype.element_ty), mask=pair_nb & ds_keep)
 
-    tl.store(_tile_ptrs(DQ, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_valid[:, None] & d_mask[None, :])
+    dq_mask = q_valid[:, None] & d_mask[None, :]
+    tl.store(_tile_ptrs(DQ, b0, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
+             (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    if IMGS == 2:
+        tl.store(_tile_ptrs(DQ, b1, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
+                 (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask & ok1)
+
+
+@triton.jit
+def _dkdv_loads(Q, DO, LSE, DELTA, b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, sob, soh, sow, son,
+                offs_d, d_mask, q_in, ok, MAY_SKIP: tl.constexpr):
+    """One image's query block: q and dO tiles ``[QBY*QBX, BLOCK_D]``, lse and delta. With MAY_SKIP, an image past
+    the batch (``ok`` false) loads zeros and lse = inf, so its p^T and dS^T are 0 (the program's first image is
+    always in the batch: its loads keep their plain masks)."""
+    q_ptrs = _tile_ptrs(Q, b, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d)
+    do_ptrs = _tile_ptrs(DO, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d)
+    lse_off = _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW)
+    if MAY_SKIP:
+        q = tl.load(q_ptrs, mask=d_mask[None, :] & ok, other=0.0)
+        do = tl.load(do_ptrs, mask=(q_in & ok)[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(LSE + lse_off, mask=ok, other=float("inf"))
+        delta = tl.load(DELTA + lse_off, mask=ok, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=d_mask[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=q_in[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(LSE + lse_off)
+        delta = tl.load(DELTA + lse_off)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _dkdv_update(sT, v, q, do, lse, delta, nb, bias, dk, dv, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One image's step over one query block from its scaled scores ``sT = k @ q^T`` ([keys, queries]), keys as
+    rows: ``(dk + dS^T @ q, dv + p^T @ dO)``."""
+    if HAS_RPB:
+        sT += bias
+    pT = tl.where(nb, tl.math.exp2(sT - lse[None, :]), 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    return dk + tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC), dv
+
+
+@triton.jit
+def _dkdv_store(DK, DV, b, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, mask, dk, dv):
+    """One image's dk and dv rows (dk already scaled)."""
+    tl.store(_tile_ptrs(DK, b, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), dk.to(DK.dtype.element_ty),
+             mask=mask)
+    tl.store(_tile_ptrs(DV, b, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d), dv.to(DV.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
                           sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, srn,
-                          H, W, qk_scale, sm_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
+                          B, H, W, qk_scale, sm_scale, NH: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
                           DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
                           QBY: tl.constexpr, QBX: tl.constexpr, BLOCK_D: tl.constexpr, TBL: tl.constexpr,
-                          HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+                          IMGS: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
     """dk, dv for a tile of BY x BX keys over the QBY x QBX query blocks of its inverse neighbourhood,
-    keys as rows (s^T = k @ q^T). DO, DK and DV share the contiguous output strides (sob..son)."""
-    b, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    keys as rows (s^T = k @ q^T), for IMGS (1 or 2) images sharing the blocks' indices, masks and gathered bias.
+    DO, DK and DV share the contiguous output strides (sob..son)."""
+    tl.static_assert(IMGS == 1 or IMGS == 2)
+    g, h, ry, rx, ty, tx, sub_h, sub_w = _decode_tile(tl.program_id(0), H, W, NH, DH, DW, BY, BX)
+    b0 = g * IMGS
     qk_scale = tl.cast(qk_scale, tl.float32)  # compiled models pass unspecialised Python floats as fp64
     kpy, kpx, k_valid = _query_tile(ty, tx, sub_h, sub_w, BY, BX)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    # k, v tiles [BY*BX, BLOCK_D]
-    k = tl.load(_tile_ptrs(K, b, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=d_mask[None, :],
-                other=0.0)
-    v = tl.load(_tile_ptrs(V, b, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=d_mask[None, :],
-                other=0.0)
+    # k, v tiles [BY*BX, BLOCK_D] and the dk, dv accumulators per image
+    k0 = tl.load(_tile_ptrs(K, b0, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d), mask=d_mask[None, :],
+                 other=0.0)
+    v0 = tl.load(_tile_ptrs(V, b0, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d), mask=d_mask[None, :],
+                 other=0.0)
+    dk0, dv0 = tl.zeros([BY * BX, BLOCK_D], tl.float32), tl.zeros([BY * BX, BLOCK_D], tl.float32)
+    if IMGS == 2:
+        b1 = b0 + 1
+        ok1 = b1 < B  # an odd batch leaves the last program one image
+        k1 = tl.load(_tile_ptrs(K, b1, h, kpy, kpx, ry, rx, DH, DW, skb, skh, skw, skn, offs_d),
+                     mask=d_mask[None, :] & ok1, other=0.0)
+        v1 = tl.load(_tile_ptrs(V, b1, h, kpy, kpx, ry, rx, DH, DW, svb, svh, svw, svn, offs_d),
+                     mask=d_mask[None, :] & ok1, other=0.0)
+        dk1, dv1 = tl.zeros([BY * BX, BLOCK_D], tl.float32), tl.zeros([BY * BX, BLOCK_D], tl.float32)
     if HAS_RPB:
         table = _load_table(RPB, h, srn, KH, KW, TBL)
         k_c = _table_coord(kpy, kpx, KW)
@@ -309,39 +444,38 @@ def _na2d_bwd_dkdv_kernel(Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     x_lo = _first_query(tl.minimum(tx * BX, sub_w - 1), KW)
     x_hi = _last_query(tl.minimum(tx * BX + BX - 1, sub_w - 1), sub_w, KW) + 1
 
-    dk = tl.zeros([BY * BX, BLOCK_D], tl.float32)
-    dv = tl.zeros([BY * BX, BLOCK_D], tl.float32)
     offs_m = tl.arange(0, QBY * QBX)
     n_qx = tl.cdiv(x_hi - x_lo, QBX)
     for blk in range(0, tl.cdiv(y_hi - y_lo, QBY) * n_qx):
-        # query block: QBY x QBX sub-grid points; points past the rectangle are clamped and masked
+        # query block: QBY x QBX sub-grid points; points past the rectangle are clamped and masked; its masks and
+        # bias serve every image
         qpy = y_lo + (blk // n_qx) * QBY + offs_m // QBX
         qpx = x_lo + (blk % n_qx) * QBX + offs_m % QBX
         q_in = (qpy < y_hi) & (qpx < x_hi)
         qpy, qpx = tl.minimum(qpy, y_hi - 1), tl.minimum(qpx, x_hi - 1)
-        q = tl.load(_tile_ptrs(Q, b, h, qpy, qpx, ry, rx, DH, DW, sqb, sqh, sqw, sqn, offs_d), mask=d_mask[None, :],
-                    other=0.0)
-        do = tl.load(_tile_ptrs(DO, b, h, qpy, qpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
-                     mask=q_in[:, None] & d_mask[None, :], other=0.0)
-        lse_off = _lse_offsets(b, h, NH, H, W, qpy, qpx, ry, rx, DH, DW)
-        lse = tl.load(LSE + lse_off)
-        delta = tl.load(DELTA + lse_off)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [keys, queries]
+        q0, do0, lse0, delta0 = _dkdv_loads(Q, DO, LSE, DELTA, b0, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb, sqh,
+                                            sqw, sqn, sob, soh, sow, son, offs_d, d_mask, q_in, True, False)
+        if IMGS == 2:
+            q1, do1, lse1, delta1 = _dkdv_loads(Q, DO, LSE, DELTA, b1, h, NH, H, W, qpy, qpx, ry, rx, DH, DW, sqb,
+                                                sqh, sqw, sqn, sob, soh, sow, son, offs_d, d_mask, q_in, ok1, True)
+        sT0 = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC) * qk_scale
+        if IMGS == 2:
+            sT1 = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC) * qk_scale
         nb = (_in_window(kpy[:, None] - _win_start(qpy, sub_h, KH)[None, :], KH)
               & _in_window(kpx[:, None] - _win_start(qpx, sub_w, KW)[None, :], KW) & q_in[None, :])
         if HAS_RPB:
-            sT += _gather_bias(table, k_c[:, None], _query_coord(qpy, qpx, KH, KW)[None, :], BY * BX, QBY * QBX, TBL)
-        pT = tl.where(nb, tl.math.exp2(sT - lse[None, :]), 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+            bias = _gather_bias(table, k_c[:, None], _query_coord(qpy, qpx, KH, KW)[None, :], BY * BX, QBY * QBX, TBL)
+        else:
+            bias = nb  # not read without a bias
+        dk0, dv0 = _dkdv_update(sT0, v0, q0, do0, lse0, delta0, nb, bias, dk0, dv0, HAS_RPB, DOT_PREC)
+        if IMGS == 2:
+            dk1, dv1 = _dkdv_update(sT1, v1, q1, do1, lse1, delta1, nb, bias, dk1, dv1, HAS_RPB, DOT_PREC)
 
     kv_mask = k_valid[:, None] & d_mask[None, :]
-    tl.store(_tile_ptrs(DK, b, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(DV, b, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d),
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _dkdv_store(DK, DV, b0, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, kv_mask, dk0 * sm_scale, dv0)
+    if IMGS == 2:
+        _dkdv_store(DK, DV, b1, h, kpy, kpx, ry, rx, DH, DW, sob, soh, sow, son, offs_d, kv_mask & ok1,
+                    dk1 * sm_scale, dv1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,13 +545,15 @@ _DRPB = Launcher(_na2d_drpb_kernel)
 @dataclass(frozen=True)
 class Tiles:
     """Block shapes on a dilation sub-grid: the owned tile BY x BX (queries for fwd/dq, keys for dk/dv)
-    and the walked block KBY x KBX (keys for fwd/dq, queries for dk/dv), plus launch settings."""
+    and the walked block KBY x KBX (keys for fwd/dq, queries for dk/dv), plus launch settings and the images
+    per program (1 or 2: two images share each block's indices, masks and gathered bias)."""
     BY: int
     BX: int
     KBY: int
     KBX: int
     num_warps: int = 4
     num_stages: int = 2
+    imgs: int = 1
 
 
 PIPELINE_SMEM = 128 * 1024
@@ -430,33 +566,42 @@ def _p2(n: int) -> int:
 
 
 def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, int], head_dim: int,
-                 itemsize: int = 2) -> Tiles:
-    """Tile shapes of ``kernel`` ("fwd", "dq", "dkdv") on sub-grids of ``sub_h x sub_w``.
+                 itemsize: int = 2, rpb_grad: bool = False) -> Tiles:
+    """Tile shapes of ``kernel`` ("fwd", "dq", "dkdv") on sub-grids of ``sub_h x sub_w``; ``rpb_grad``: the dq
+    kernel stores dS for d_rpb.
 
-    8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked
-    blocks: 4 x 16 (forward) or 2 x 16 (backward) for head_dim <= 32 on sub-grids wider than one tile;
-    4 x 8 for sub-grids of one tile (NAT's 7x7 stage, DiNAT's dilated stages) and for larger heads,
-    where 16-wide blocks score too many keys outside a k >= 13 rectangle; the backward kernels also take
-    4 x 8 on sub-grids of 17-32 points per side (NAT's 28x28 stage). Chosen from the H200 sweeps in
-    benchmarks/NOTES_na2d.md (``python -m benchmarks.na2d_tune sweep``).
+    8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked blocks for
+    head_dim <= 32: 2 x 16 on large sub-grids, 4 x 8 on sub-grids of one tile (NAT's 7x7 stage, DiNAT's dilated
+    stages) and of 17-32 points per side (NAT's 28x28 stage); dq with a bias gradient walks 2 x 8 there (4 x 8 on
+    one tile). Two images per program (they share each block's masks and gathered bias) in dq with a bias gradient
+    (their dS is summed and stored once), in dk/dv on one-tile sub-grids, and in the forward up to head_dim 64.
+    Larger heads take 4 x 8 blocks (8 x 8 for dq), where 16-wide blocks score too many keys outside a k >= 13
+    rectangle, and one image per program in the backward.
+    Chosen from the H200 sweeps in benchmarks/NOTES_na2d.md (``python -m benchmarks.na2d_tune sweep``).
     """
     by, bx = min(8, _p2(sub_h)), min(8, _p2(sub_w))
     one_tile = sub_h <= 8 and sub_w <= 8
     mid = 16 < max(sub_h, sub_w) <= 32
+    small = head_dim <= 32
+    imgs = 1
     if kernel == "fwd":
-        kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 else (4, 16, 2)
+        kby, kbx, stages = (4, 8, 3) if one_tile or mid or not small else (2, 16, 3)
+        imgs = 2 if head_dim <= 64 else 1
     elif kernel == "dq":
-        if one_tile or (mid and head_dim <= 32):
+        if small and rpb_grad:
+            kby, kbx, stages, imgs = (4, 8, 3, 2) if one_tile else (2, 8, 3, 2)
+        elif one_tile or (mid and small):
             kby, kbx, stages = 4, 8, 3
         else:
-            kby, kbx, stages = (2, 16, 3) if head_dim <= 32 else (8, 8, 3)
+            kby, kbx, stages = (2, 16, 3) if small else (8, 8, 3)
     else:
-        kby, kbx, stages = (4, 8, 3) if one_tile or head_dim > 32 or mid else (2, 16, 3)
-    # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) in shared memory: cap
+        kby, kbx, stages = (4, 8, 3) if one_tile or not small or mid else (2, 16, 3)
+        imgs = 2 if small and one_tile else 1
+    # software pipelining keeps num_stages copies of the walked pair (k/v, or q/dO) per image in shared memory: cap
     # them so that wide float32 heads fit (3 stages of 8 x 8 x 128 fp32 pairs exceed an H100/H200 block's)
-    walked_pair = 2 * kby * kbx * max(16, _p2(head_dim)) * itemsize
+    walked_pair = 2 * imgs * kby * kbx * max(16, _p2(head_dim)) * itemsize
     stages = max(1, min(stages, PIPELINE_SMEM // walked_pair))
-    return Tiles(by, bx, kby, kbx, num_warps=4, num_stages=stages)
+    return Tiles(by, bx, kby, kbx, num_warps=4, num_stages=stages, imgs=imgs)
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:
@@ -466,13 +611,18 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Plan:
-    """One kernel's launch for one problem: programs per batch element, constexprs and launch settings."""
-    per_batch: int
+    """One kernel's launch for one problem: programs per group of ``meta["IMGS"]`` images, constexprs and launch
+    settings."""
+    per_group: int
     meta: dict
 
+    def groups(self, batch):
+        """Image groups of ``batch`` images (an int, or a symbolic size while torch.compile traces)."""
+        return (batch + self.meta["IMGS"] - 1) // self.meta["IMGS"]
+
     def grid(self, batch) -> tuple:
-        """The launch grid for ``batch`` images (an int, or a symbolic size while torch.compile traces)."""
-        return (batch * self.per_batch,)
+        """The launch grid for ``batch`` images."""
+        return (self.groups(batch) * self.per_group,)
 
 
 @functools.lru_cache(maxsize=512)
@@ -483,12 +633,12 @@ def _plan(kernel: str, map_shape: tuple[int, int, int, int], dtype: torch.dtype,
     keeps it symbolic."""
     H, W, N, D = map_shape
     sub_h, sub_w = -(-H // dilation[0]), -(-W // dilation[1])  # residue 0 has the longest sub-grid
-    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, dtype.itemsize)
+    t = choose_tiles(kernel, sub_h, sub_w, kernel_size, D, dtype.itemsize, rpb_grad)
     tiles_y, tiles_x = -(-sub_h // t.BY), -(-sub_w // t.BX)
     walked = dict(QBY=t.KBY, QBX=t.KBX) if kernel == "dkdv" else dict(KBY=t.KBY, KBX=t.KBX)
     prec = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
     meta = dict(NH=N, D=D, DH=dilation[0], DW=dilation[1], KH=kernel_size[0], KW=kernel_size[1], BY=t.BY, BX=t.BX,
-                **walked, BLOCK_D=max(16, _p2(D)),
+                **walked, BLOCK_D=max(16, _p2(D)), IMGS=t.imgs,
                 TBL=_p2((2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)), HAS_RPB=has_rpb, DOT_PREC=prec,
                 num_warps=t.num_warps, num_stages=t.num_stages)
     if kernel == "dq":
@@ -531,7 +681,7 @@ def na2d_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.T
     rpb = q if rpb is None else rpb.contiguous()  # never read without HAS_RPB
     _FWD(plan.grid(B),
          q, k, v, rpb, out, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb.stride(0),
-         H, W, scale * LOG2E, **plan.meta)
+         B, H, W, scale * LOG2E, **plan.meta)
     return out, lse
 
 
@@ -554,14 +704,15 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dq, dk, dv = (torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     kh, kw = kernel_size
-    # dS at each score's window offset (input dtype, as dS enters dq's product; KW + 1 slots per query, see the
-    # dq kernel); every entry is written
-    dsnb = torch.empty((B, N, H, kh, W, kw + 1), dtype=q.dtype, device=q.device) if rpb_grad else q
+    # dS at each score's window offset, summed over each dq program's images (input dtype, as dS enters dq's
+    # product; KW + 1 slots per query, see the dq kernel); every entry is written
+    dsnb = (torch.empty((p_dq.groups(B), N, H, kh, W, kw + 1), dtype=q.dtype, device=q.device) if rpb_grad
+            else q)
     rpb_t = q if rpb is None else rpb.contiguous()
     strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], rpb_t.stride(0))
-    _DQ(p_dq.grid(B), q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, H, W, scale * LOG2E, scale,
+    _DQ(p_dq.grid(B), q, k, v, rpb_t, out, dout, lse, delta, dq, dsnb, *strides, B, H, W, scale * LOG2E, scale,
         **p_dq.meta)
-    _DKDV(p_dkdv.grid(B), q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, H, W, scale * LOG2E, scale,
+    _DKDV(p_dkdv.grid(B), q, k, v, rpb_t, dout, lse, delta, dk, dv, *strides, B, H, W, scale * LOG2E, scale,
           **p_dkdv.meta)
     if not rpb_grad:
         return dq, dk, dv, None
@@ -572,9 +723,9 @@ def na2d_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 def rpb_grad_from_window_ds(dsnb: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int]
                             ) -> torch.Tensor:
-    """d_rpb ``[heads, 2kh-1, 2kw-1]`` (float32) from the dq kernel's window-layout dS ``[B, heads, H, kh, W, kw+1]``
-    (``na2d_reference.rpb_grad_from_window_ds`` computes the same), as one reduction kernel and a sum of its
-    partials."""
+    """d_rpb ``[heads, 2kh-1, 2kw-1]`` (float32) from the dq kernel's window-layout dS ``[G, heads, H, kh, W, kw+1]``
+    (summed over its G image groups; ``na2d_reference.rpb_grad_from_window_ds`` computes the same), as one reduction
+    kernel and a sum of its partials."""
     B, N, H, kh, W, _ = dsnb.shape
     kw = kernel_size[1]
     grid = _drpb_grid(B, N, H * kh, W * (kw + 1))
