@@ -10,6 +10,7 @@ The default suite exports the feature maps of one family per attention op and th
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -189,20 +190,25 @@ def test_export_refuses_to_overwrite_and_names_bad_input(tmp_path):
         build_model("nat_nano", checkpoint=str(tmp_path / "missing.pth.tar"))
 
 
-def test_cli_exports_checks_and_refuses_overwrite(tmp_path):
+def test_cli_exports_checks_and_refuses_overwrite(tmp_path, capsys):
     """tools/export.py end to end (a .pt2: the ONNX path is the same ``export`` call, tested above, and takes
     minutes more on two CPU cores). The temporary file keeps the .pt2 suffix: torch.export.load warned on it."""
     out = tmp_path / "nat_nano.pt2"
-    cmd = [sys.executable, str(ROOT / "tools" / "export.py"), "--model", "nat_nano", "--format", "export",
-           "--input-size", "1", "56", "56", "--output", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    args = ["--model", "nat_nano", "--format", "export", "--input-size", "1", "56", "56", "--output", str(out)]
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "relative L2" in done.stdout and out.is_file()
     assert "Unable to load package" not in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nat_nano.pt2"]  # no partial file left
     torch.export.load(str(out))
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # the refusal through the same main() in this process (a second interpreter start only re-imported torch)
+    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "tools" / "export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    capsys.readouterr()
+    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nat_nano.pt2"]
 
 
 def test_tracing_leaves_no_fake_tensor_in_the_reference_caches():
