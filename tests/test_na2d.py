@@ -75,6 +75,8 @@ BRUTE_CASES = [  # (H, W, kernel_size, dilation, rpb)
     (10, 12, (3, 3), (3, 4), True),
     (11, 9, (3, 3), (3, 2), False),
     (8, 15, (5, 5), (1, 3), True),
+    (12, 21, (3, 5), (4, 3), False),  # sides divisible by the dilation: the reference runs dense sub-grids
+    (26, 24, (3, 3), (2, 2), True),  # ... or gathered ones (13 x 12 sub-grids)
 ]
 
 

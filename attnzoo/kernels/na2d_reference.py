@@ -150,8 +150,9 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
     """Neighborhood attention on validated ``[B, H, W, heads, D]`` inputs; returns the same layout.
 
     ``softmax((q * scale) · k + rpb) · v`` over each query's ``kh x kw`` neighbours, differentiable through
-    plain PyTorch ops in every input, ``rpb`` included. Small maps (at most ``DENSE_WASTE`` times the window
-    in tokens, and at most ``chunk_elements`` logits) run ``na2d_dense``; larger ones ``na2d_gather``.
+    plain PyTorch ops in every input, ``rpb`` included. A dilated map whose sides divide by the dilation runs as
+    its undilated sub-grids. Small maps (at most ``DENSE_WASTE`` times the window in tokens, and at most
+    ``chunk_elements`` logits) run ``na2d_dense``; larger ones ``na2d_gather``.
     """
     B, H, W, N, D = q.shape
     (kh, kw) = kernel_size
@@ -162,9 +163,28 @@ def na2d_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
         if isinstance(H, int) and isinstance(W, int) and H * W <= DENSE_WASTE * kh * kw:
             return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
         return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements=None)
+    (dh, dw) = dilation
+    if (dh, dw) != (1, 1) and H % dh == 0 and W % dw == 0:
+        return _per_subgrid(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements)
     if H * W <= DENSE_WASTE * kh * kw and B * N * (H * W) ** 2 <= chunk_elements:
         return na2d_dense(q, k, v, kernel_size, dilation, rpb, scale)
     return na2d_gather(q, k, v, kernel_size, dilation, rpb, scale, chunk_elements)
+
+
+def _per_subgrid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: tuple[int, int],
+                 dilation: tuple[int, int], rpb: torch.Tensor | None, scale: float, chunk_elements: int
+                 ) -> torch.Tensor:
+    """A dilated map whose sides divide by the dilation as ``dh * dw`` undilated maps of ``H/dh x W/dw`` (its
+    sub-grids, which never attend to each other and have the same windows and bias indices in sub-grid units),
+    stacked on the batch axis: small sub-grids (DiNAT's dilated layers) then take the dense path."""
+    B, H, W, N, D = q.shape
+    (dh, dw) = dilation
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # [B, H, W, N, D] -> [B*dh*dw, H/dh, W/dw, N, D]
+        return t.unflatten(2, (W // dw, dw)).unflatten(1, (H // dh, dh)).permute(0, 2, 4, 1, 3, 5, 6).flatten(0, 2)
+
+    out = na2d_reference(split(q), split(k), split(v), kernel_size, (1, 1), rpb, scale, chunk_elements)
+    return out.unflatten(0, (B, dh, dw)).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, H, W, N, D)
 
 
 def window_ds_binning(H: int, W: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
