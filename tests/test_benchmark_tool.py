@@ -120,7 +120,9 @@ def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
 
     The dS stores go out in 4-byte pairs of keys: 2048 scores per 4 x 8 key block over 128 threads are 16 per
     thread, 8 stores. That needs the launch's 16-byte alignment attributes, which the tool once left out (every
-    store then compiled to 2 bytes, and the register counts it reported were those of unaligned pointers)."""
+    store then compiled to 2 bytes, and the register counts it reported were those of unaligned pointers). With a
+    bias gradient the kernel takes two images per program, whose dq and delta stores are each the no-gradient
+    kernel's; their summed dS is stored once."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     subprocess.run([sys.executable, "-m", "benchmarks.na2d_sass", "--cases", "nat7", "--out", str(tmp_path)], cwd=ROOT,
                    env=env, check=True, capture_output=True, text=True, timeout=600)
@@ -129,7 +131,10 @@ def test_na2d_sass_reads_registers_without_a_gpu(tmp_path):
     assert len(rows) == 7 and all(r["hgmma"] > 0 and 0 < r["registers"] <= 255 for r in rows.values()), rows
     with_grad, without = rows[("dq", True, True)], rows[("dq", True, False)]
     assert with_grad["stg"] > without["stg"] and with_grad["registers"] > without["registers"], rows
-    assert with_grad["stg"] - without["stg"] == 8, rows
+    from attnzoo.kernels.na2d_triton import choose_tiles
+
+    imgs = choose_tiles("dq", 7, 7, (7, 7), 32, 2, rpb_grad=True).imgs
+    assert imgs == 2 and with_grad["stg"] - imgs * without["stg"] == 8, rows
 
 
 def test_na2d_opaque_baseline_routes_compiled_calls_through_its_own_op(monkeypatch):
