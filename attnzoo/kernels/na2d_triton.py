@@ -64,7 +64,7 @@ def _last_query(j, sub_len, KS: tl.constexpr):
 @triton.jit
 def _decode_tile(pid, H, W, NH: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BY: tl.constexpr,
                  BX: tl.constexpr):
-    """Program id -> (batch, head, row residue, column residue, tile row, tile column, sub-grid h, w)."""
+    """Program id -> (image group, head, row residue, column residue, tile row, tile column, sub-grid h, w)."""
     tiles_y = tl.cdiv(tl.cdiv(H, DH), BY)  # residue 0 has the longest sub-grid
     tiles_x = tl.cdiv(tl.cdiv(W, DW), BX)
     n_tiles = DH * DW * tiles_y * tiles_x
