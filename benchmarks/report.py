@@ -21,7 +21,7 @@ KERNEL_RESULTS = ["na2d", "na2d_r9", "na2d_r13", "na2d_r14", "na2d_r15", "na2d_a
                   "na2d_drpb_r14", "na2d_ab_r15", "na2d_ab_r15_imgs2", "na2d_check", "na2d_tune",
                   "na2d_tune_r13", "na2d_tune_imgs_r15", "na2d_tune_imgs_norpb_r15", "na2d_tune_bwd",
                   "na2d_tune_walked",
-                  "na2d_tune_walked_norpb", "na2d_sass", "na2d_host", "bra",
+                  "na2d_tune_walked_norpb", "na2d_sass", "na2d_host", "na2d_reference_cpu", "bra",
                   "partitioned_attention", "partitioned_attention_r9_runtime_parts", "agent_attention"]
 SECTIONS = [("Kernels", KERNEL_RESULTS),
             ("Models", ["models", "models_kernels_v2", "models_eager", "models_compile", "models_compile_16core",
