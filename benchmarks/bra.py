@@ -29,8 +29,8 @@ from attnzoo.kernels import bra_triton
 from attnzoo.kernels.bra import _bra_triton, auto_backend, choose_deterministic
 from attnzoo.kernels.bra_dense import routed_attention_dense
 from attnzoo.kernels.bra_reference import region_partition, route_regions
-from benchmarks.harness import (RESULTS_DIR, Report, measured_bandwidth_gbs, measured_matmul_tflops, peak_memory_mib,
-                                time_ms)
+from benchmarks.harness import (RESULTS_DIR, Report, gpu_time_ms, graphed_time_ms, measured_bandwidth_gbs,
+                                measured_matmul_tflops, peak_memory_mib, time_ms)
 
 # name, B, H, W, heads, D, n_win, topk
 CASES = [
@@ -94,6 +94,10 @@ def _cudnn_first(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """``fn(*args)`` with cuDNN's SDPA kernel preferred (the backward follows the forward's kernel)."""
     with sdpa_kernel(CUDNN_FIRST, set_priority=True):
         return fn(*args)
+
+
+# methods also timed as one CUDA graph (no per-call host work) and by their summed device time
+GRAPHED = ("triton det", "bra (routing + triton)", "auto", "dense (masked sdpa)", "dense sdpa")
 
 
 def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings: dict, deadline: float) -> None:
@@ -173,6 +177,9 @@ def run_case(report: Report, name: str, B, H, W, heads, D, n_win, topk, ceilings
             step = fwd_bwd(fn, ls, g)
             row["fwd_bwd_ms"] = time_ms(step)
             row["peak_fb_mib"] = peak_memory_mib(step)
+            if dev == "cuda" and method in GRAPHED:
+                row["gpu_ms"] = gpu_time_ms(step)
+                row["graphed_fb_ms"] = graphed_time_ms(step)
             row["fwd_tflops"] = c["fwd_flops"] / (row["fwd_ms"] * 1e-3) / 1e12
             row["fb_pct_floor"] = 100 * base["fb_floor_us"] * 1e-3 / row["fwd_bwd_ms"]
         except torch.OutOfMemoryError:
@@ -242,26 +249,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small case (smoke test)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch parameters")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which remaining timings are skipped")
+    parser.add_argument("--cases", nargs="+", help="cases whose name starts with one of these (e.g. stage2 stage3)")
+    parser.add_argument("--name", default="bra", help="result file name")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
+    cases = QUICK_CASES if args.quick else [c for c in CASES if not args.cases or c[0].startswith(tuple(args.cases))]
     deadline = time.time() + args.budget
     torch.manual_seed(0)
     ceilings = (dict(gbs=measured_bandwidth_gbs(), tflops=measured_matmul_tflops()) if DEVICE == "cuda"
                 else dict(gbs=float("nan"), tflops=float("nan")))
-    columns = ["case", "method", "fwd_ms", "fwd_bwd_ms", "peak_fb_mib", "fwd_floor_us", "fb_floor_us", "fb_pct_floor",
+    columns = ["case", "method", "fwd_ms", "fwd_bwd_ms", "gpu_ms", "graphed_fb_ms", "peak_fb_mib", "fwd_floor_us",
+               "fb_floor_us", "fb_pct_floor",
                "fwd_tflops", "rel_l2_vs_fp32_ref", "shape", "regions", "topk", "note"]
-    report = Report("bra", "Bi-level routing attention (bf16): fused Triton vs gather reference, dense SDPA, "
+    report = Report(args.name, "Bi-level routing attention (bf16): fused Triton vs gather reference, dense SDPA, "
                     "FlexAttention", columns=columns, notes=(
                         f"Measured ceilings: {ceilings['gbs']:.0f} GB/s copy, {ceilings['tflops']:.0f} TFLOP/s bf16 "
                         "matmul. Floors = max(FLOPs / matmul rate, minimum bytes / bandwidth). 'triton' = fast "
                         "mode (fp32 atomics for dk/dv), 'triton det' = deterministic inverted-index backward. "
                         "Dense SDPA attends to all tokens (not the same function). Flex runs on region-major "
-                        "token order with a BlockMask from the same region index."))
+                        "token order with a BlockMask from the same region index. gpu_ms = summed device time of the "
+                        "kernels per forward+backward (torch.profiler); graphed_fb_ms = that forward+backward "
+                        "captured as one CUDA graph and replayed (no per-call host work)."))
     if args.sweep:
         sweep(report, QUICK_CASES if args.quick else [CASES[1], CASES[2], CASES[3]],
               time.time() + 0.35 * args.budget, variants=2 if args.quick else None)
         report.save(args.out)
-    for case in QUICK_CASES if args.quick else CASES:
+    for case in cases:
         run_case(report, *case, ceilings=ceilings, deadline=deadline)
         report.save(args.out)
     print(report.markdown())

@@ -7,6 +7,7 @@ and library versions in the header. A speed claim in the README points at one of
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -95,6 +96,37 @@ def kernel_times_ms(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
         if e.device_type.name == "CUDA":
             times[e.name] = times.get(e.name, 0.0) + e.device_time_total / iters / 1e3
     return times
+
+
+def graphed_time_ms(fn: Callable[[], Any], rep: int = 100) -> float:
+    """Median milliseconds of ``fn()`` captured once as a CUDA graph and replayed: the call without its per-call
+    host work (Python, dispatch, launches), as a CUDA-graphed step (``torch.compile(mode="reduce-overhead")``)
+    runs it. Warmed up on a side stream first, as capture requires, and captured on that stream. Autograd nodes
+    of earlier eager calls that are still alive would tie the default stream into the capture (autograd waits on
+    a leaf's gradient accumulator's stream), so unreachable ones are collected first, and torch versions that can
+    redirect such a stale stream to the capturing one are told to."""
+    gc.collect()
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if override is not None:
+        override(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+    finally:
+        if override is not None:
+            override(False)
+    try:
+        return time_ms(graph.replay, rep=rep)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
 
 
 def gpu_time_ms(fn: Callable[[], Any], iters: int = 20) -> float:

@@ -12,7 +12,9 @@ they show the small-map crossover on the NAT/DiNAT shapes.
     python -m benchmarks.na2d --quick         # a few small cases (CPU smoke run or a first look)
 
 Each Triton row also carries ``gpu_ms``: the summed device time of the kernels one forward+backward launches
-(``torch.profiler``), so host time (``fwd_bwd_ms - gpu_ms`` when the host is the bound) shows separately.
+(``torch.profiler``), so host time (``fwd_bwd_ms - gpu_ms`` when the host is the bound) shows separately, and
+``graphed_fwd_bwd_ms``: the same forward+backward captured once as a CUDA graph and replayed (no per-call host
+work, as in a CUDA-graphed training step); all-token SDPA rows carry both too.
 Tile sweeps live in ``benchmarks/na2d_tune.py``.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 
 from attnzoo.kernels import na2d
 from attnzoo.kernels.na2d import auto_backend
-from benchmarks.harness import RESULTS_DIR, Report, gpu_time_ms, measured_bandwidth_gbs, measured_matmul_tflops, time_ms
+from benchmarks.harness import (RESULTS_DIR, Report, gpu_time_ms, graphed_time_ms, measured_bandwidth_gbs,
+                                measured_matmul_tflops, time_ms)
 from benchmarks.na2d_flex import na2d_flex
 
 # (group, H, W, heads, D, kernel, dilation, batch, rpb)
@@ -61,8 +64,9 @@ def _bench_case(case, backends, bw_gbs, reps) -> list[dict]:
         if backend in ("dense", "auto") and group == "hires":
             continue  # dense is O(L^2) (auto runs Triton there): the crossover lives on the 224² shapes
         if backend == "sdpa":
-            qs, ks, vs = (t.flatten(1, 2).transpose(1, 2) for t in (q, kk, v))
-            fwd = lambda: F.scaled_dot_product_attention(qs, ks, vs)  # noqa: E731
+            def fwd():  # token views made per call: views kept across calls hold the leaves' autograd nodes, which
+                # would tie the default stream into a CUDA graph's capture
+                return F.scaled_dot_product_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, kk, v)))
         elif backend == "flex":
             fwd = lambda: na2d_flex(q, kk, v, (k, k), (d, d), rpb, D ** -0.5)  # noqa: E731
         else:
@@ -83,8 +87,12 @@ def _bench_case(case, backends, bw_gbs, reps) -> list[dict]:
         fl = _flops(B, H, W, N, D, k)
         row = dict(group=group, case=_name(case), backend=backend, fwd_ms=t_fwd, fwd_bwd_ms=t_fb,
                    fwd_tflops=fl / t_fwd / 1e9, fwd_bwd_tflops=3.5 * fl / t_fb / 1e9)
-        if backend == "triton" and dev == "cuda":
+        if backend in ("triton", "sdpa") and dev == "cuda":
             row["gpu_ms"] = gpu_time_ms(fwd_bwd)
+            try:
+                row["graphed_fwd_bwd_ms"] = graphed_time_ms(fwd_bwd, rep=reps)
+            except RuntimeError as e:  # the timed rows stand; the row says why its graph could not be captured
+                row["error"] = f"CUDA graph capture: {type(e).__name__}: {e}"[:120]
         if backend == "auto":
             row["auto_picks"] = "reference" if dev == "cpu" else auto_backend(q, (k, k), False)
         if bw_gbs:
@@ -124,11 +132,12 @@ def main() -> None:
         "backend='auto' (its choice in auto_picks); sdpa = dense attention over all tokens (no mask, no rpb); "
         "reference = the PyTorch reference (dense on small maps, else chunked gather); "
         "flex = FlexAttention, compiled, same mask + rpb score_mod (benchmarks/na2d_flex.py); gpu_ms = summed "
-        "device time of the Triton path's kernels per forward+backward (torch.profiler). NATTEN is not "
+        "device time of the kernels per forward+backward (torch.profiler); graphed_fwd_bwd_ms = that "
+        "forward+backward captured as one CUDA graph and replayed (no per-call host work). NATTEN is not "
         "importable here.")
     report = Report("na2d", "na2d: fused Triton neighborhood attention vs baselines", notes=notes,
                     columns=["group", "case", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
-                             "gpu_ms", "fwd_floor_ms", "fwd_bwd_floor_ms", "triton_speedup_fwd",
+                             "gpu_ms", "graphed_fwd_bwd_ms", "fwd_floor_ms", "fwd_bwd_floor_ms", "triton_speedup_fwd",
                              "triton_speedup_fwd_bwd",
                              "auto_picks", "error"])
     for case in cases:
