@@ -94,9 +94,11 @@ class Prepared:
     train_step: Callable[[], None]
     model: torch.nn.Module
     infer_ro: Callable[[], None] | None = None
+    train_ro: Callable[[], None] | None = None
     infer_ms: list[float] = field(default_factory=list)
     train_ms: list[float] = field(default_factory=list)
     infer_ro_ms: list[float] = field(default_factory=list)
+    train_ro_ms: list[float] = field(default_factory=list)
 
 
 def prepare(case: Case, batch: int, img_size: int, device: torch.device, channels_last: bool = True) -> Prepared:
@@ -114,16 +116,19 @@ def prepare(case: Case, batch: int, img_size: int, device: torch.device, channel
         with torch.no_grad() if case.compile else torch.inference_mode(), _autocast(device):
             run_model(x)
 
-    def train_step():
+    def step(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         model.train()
         with _autocast(device):
-            loss = torch.nn.functional.cross_entropy(run_model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(fn(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    infer_ro = None
-    if case.compile and case.reduce_overhead:  # inference through CUDA graphs (a model of its own: eval mode)
+    def train_step():
+        step(run_model)
+
+    infer_ro = train_ro = None
+    if case.compile and case.reduce_overhead:  # forward and backward replayed as CUDA graphs; AdamW stays eager
         ro_model = torch.compile(model, mode="reduce-overhead")
 
         def infer_ro():
@@ -131,14 +136,17 @@ def prepare(case: Case, batch: int, img_size: int, device: torch.device, channel
             with torch.no_grad(), _autocast(device):
                 ro_model(x)
 
-    return Prepared(case, infer, train_step, model, infer_ro)
+        def train_ro():
+            step(ro_model)
+
+    return Prepared(case, infer, train_step, model, infer_ro, train_ro)
 
 
 def dynamo_limits(graphs: int) -> contextlib.AbstractContextManager:
     """Room for ``graphs`` compiled graphs per code object, and an error instead of a silent eager fallback.
 
     Every compiled model of one process enters Dynamo through the same code object, and each needs up to
-    three graphs (training, inference, CUDA-graph inference); past ``recompile_limit`` (8) Dynamo runs the
+    four graphs (training and inference, each also under CUDA graphs); past ``recompile_limit`` (8) Dynamo runs the
     frame uncompiled without failing, which would time eager code under a "compiled" label.
     """
     limit = max(torch._dynamo.config.recompile_limit, graphs + 8)
@@ -156,6 +164,8 @@ def _row(p: Prepared, batch: int, peak: float | None) -> dict:
     extra = {"kwargs": json.dumps(p.case.kwargs)} if p.case.kwargs else {}
     if p.infer_ro_ms:
         extra["infer_reduce_overhead_img_s"], extra["infer_reduce_overhead_spread"] = stats(p.infer_ro_ms)
+    if p.train_ro_ms:
+        extra["train_reduce_overhead_img_s"], extra["train_reduce_overhead_spread"] = stats(p.train_ro_ms)
     return dict(family=p.case.family, model=p.case.model, backend=p.case.backend, **extra,
                 compiled=p.case.compile, params_m=sum(t.numel() for t in p.model.parameters()) / 1e6,
                 infer_img_s=infer, infer_spread=infer_spread, train_img_s=train, train_spread=train_spread,
@@ -188,9 +198,10 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
                           "(all cases in list order, then reversed, ...); spread = (max - min) / median of the "
                           "step times; train = forward + backward + AdamW step; backend = attnzoo kernel path "
                           "(auto: Triton on CUDA), timm models run their own code; compiled = torch.compile "
-                          "(default mode; infer_reduce_overhead: inference under mode='reduce-overhead', CUDA graphs).")
+                          "(default mode; *_reduce_overhead: the same under mode='reduce-overhead', forward and "
+                          "backward as CUDA graphs, the AdamW step eager).")
     prepared, failed, peaks = [], [], {}
-    with dynamo_limits(sum(2 + c.reduce_overhead for c in todo if c.compile)):
+    with dynamo_limits(sum(2 + 2 * c.reduce_overhead for c in todo if c.compile)):
         for c in todo:
             if c.model not in known:
                 failed.append(dict(family=c.family, model=c.model, backend=c.backend, error="not registered"))
@@ -206,6 +217,7 @@ def run(cases: list[Case], batch: int, img_size: int, name: str = "models", out_
                     p.train_ms.append(time_ms(p.train_step, warmup=200, rep=rep_ms[1]))
                     if p.infer_ro is not None:
                         p.infer_ro_ms.append(time_ms(p.infer_ro, warmup=100, rep=rep_ms[0]))
+                        p.train_ro_ms.append(time_ms(p.train_ro, warmup=200, rep=rep_ms[1]))
                 except Exception as e:  # noqa: BLE001
                     failed.append(_error_row(p.case, e))
                     prepared.remove(p)
@@ -237,7 +249,8 @@ def main(argv: list[str] | None = None) -> Report:
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration (batch 2, 64²)")
     p.add_argument("--compile", action="store_true", help="also measure the models under torch.compile")
     p.add_argument("--reduce-overhead", action="store_true",
-                   help="with --compile: also inference under torch.compile(mode='reduce-overhead') (CUDA graphs)")
+                   help="with --compile: also inference and training under torch.compile(mode='reduce-overhead') "
+                        "(CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3, help="timings per case, in alternating order")
     p.add_argument("--drop-path-rate", type=float, default=None,
                    help="stochastic depth for every model and peer (default: each model's own; e.g. davit_t "
