@@ -482,6 +482,32 @@ def test_positional_data_dir_replaces_the_config_data_dir(tmp_path):
         parse_with_config(train_parser(), ["-c", str(cfg), "/imgs", "--data-dir", "/x"])
 
 
+def test_torchcompile_mode_reaches_torch_compile_and_bad_modes_are_usage_errors(folder, tmp_path, monkeypatch):
+    """``--torchcompile-mode`` (timm train.py's flag) is handed to ``torch.compile``; a mode that is not one, a mode
+    without the inductor backend, or a bad config value fails before any work with the flag named."""
+    calls = []
+
+    def compile_(model, backend=None, mode=None):
+        calls.append((backend, mode))
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    train_main([str(folder), *TINY, "--epochs", "1", "-j", "0", "--output", str(tmp_path),
+                "--torchcompile", "--torchcompile-mode", "reduce-overhead"])
+    assert calls == [("inductor", "reduce-overhead")]
+    with pytest.raises(UsageError, match="--torchcompile-mode 'fast': expected one of default, reduce-overhead"):
+        parse_with_config(train_parser(), ["--torchcompile", "--torchcompile-mode", "fast"])
+    with pytest.raises(UsageError, match="--torchcompile-mode max-autotune needs --torchcompile inductor, got "
+                                         "--torchcompile None"):
+        parse_with_config(train_parser(), ["--torchcompile-mode", "max-autotune"])
+    with pytest.raises(UsageError, match="needs --torchcompile inductor, got --torchcompile eager"):
+        parse_with_config(train_parser(), ["--torchcompile", "eager", "--torchcompile-mode", "default"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("torchcompile: inductor\ntorchcompile_mode: reduce_overhead\n")
+    with pytest.raises(UsageError, match="--torchcompile-mode 'reduce_overhead': expected one of"):
+        parse_with_config(train_parser(), ["-c", str(cfg)])
+
+
 def test_save_removes_temp_files_of_killed_saves(tmp_path):
     path = tmp_path / "last.pth.tar"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

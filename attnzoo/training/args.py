@@ -14,6 +14,9 @@ import yaml
 from attnzoo.training.errors import UsageError
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _floats(n: int | str):
     return dict(type=float, nargs=n, default=None, metavar="F")
 
@@ -50,6 +53,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND")
+    g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
+                   help=f"torch.compile mode for the inductor backend: {', '.join(COMPILE_MODES)} "
+                        "(reduce-overhead replays forward and backward as CUDA graphs)")
     g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate")
     g.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="stochastic depth rate")
     g.add_argument("--model-kwargs", type=yaml.safe_load, default=None, help="extra create_model kwargs as YAML")
@@ -140,7 +146,21 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     else:
         config_data_dir = None
     args = parser.parse_args(argv)
+    check_compile_mode(args)
     return resolve_data_dir(args, config_data_dir)
+
+
+def check_compile_mode(args: argparse.Namespace) -> None:
+    """``--torchcompile-mode`` (a flag or a config key, which argparse does not check) names one of
+    ``COMPILE_MODES`` and comes with the inductor backend, which is the one that reads it."""
+    mode = args.torchcompile_mode
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"--torchcompile-mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if args.torchcompile != "inductor":
+        raise UsageError(f"--torchcompile-mode {mode} needs --torchcompile inductor, got --torchcompile "
+                         f"{args.torchcompile}")
 
 
 def resolve_data_dir(args: argparse.Namespace, default: str | None = None) -> argparse.Namespace:

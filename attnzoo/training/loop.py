@@ -374,7 +374,7 @@ def _run(args: Any, device: torch.device, rank: int, world: int, distributed: bo
             _logger.info(f"resumed {args.resume} after epoch {state['epoch']}")
 
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
