@@ -95,3 +95,37 @@ def check_compiled_launches_kernels(op, make_inputs, batches, kernels: tuple[str
                 assert kernel in code, kernel
             assert f"attnzoo.{op_name}" not in code
 
+
+
+def check_cuda_graph_replay(op, inputs: list[torch.Tensor], tols: tuple[float, ...] | None = None) -> None:
+    """``op(*inputs)``'s forward and backward captured once as a CUDA graph (as ``torch.compile(mode=
+    "reduce-overhead")`` or ``torch.cuda.make_graphed_callables`` would), then replayed on fresh values copied
+    into ``inputs``: output and gradients equal an eager call on those values, bit for bit (``tols``: rel L2 per
+    output, then per input, for ops whose backward sums with atomics). Fails if the op synchronises with the
+    host, allocates outside the graph's pool, or keeps per-call state the replay would reuse."""
+    dout = torch.randn_like(op(*inputs))
+
+    def step():
+        out = op(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in inputs:
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for j, (g, w) in enumerate(zip(captured, eager, strict=True)):
+        if tols is None:
+            assert torch.equal(g, w), f"output {j} of the replay differs from eager"
+        else:
+            assert_rel_l2(g.float(), w.float(), tols[j], name=f"output {j}")

@@ -8,7 +8,8 @@ import torch
 
 from attnzoo.kernels import bra, routed_attention
 from attnzoo.kernels.bra_reference import route_regions
-from tests.helpers import TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels, poison_
+from tests.helpers import (TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels, check_cuda_graph_replay,
+                           poison_)
 
 
 def _qkv(B, H, W, heads, D, Dv, dtype=torch.float64, device="cpu"):
@@ -317,6 +318,16 @@ def test_gpu_deterministic_bit_identical():
         assert torch.equal(a, b)
     for a, b in zip(first, grads(False)):
         assert_rel_l2(b, a.float(), tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_cuda_graph_replay_matches_eager(deterministic):
+    """Routing, forward and backward (the inverted index's sort included) capture as one CUDA graph and replay
+    to eager's numbers on new inputs: no host sync left in ``routed_attention``."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 28, 28, 4, 32, 32, dtype=torch.bfloat16, device="cuda"))
+    check_cuda_graph_replay(lambda q, k, v: bra(q, k, v, 7, 4, backend="triton", deterministic=deterministic),
+                            [q, k, v], None if deterministic else (1e-2,) * 4)
 
 
 @pytest.mark.gpu

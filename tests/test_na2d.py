@@ -10,7 +10,8 @@ import torch
 
 from attnzoo.kernels import na2d
 from attnzoo.kernels.na2d_reference import na2d_reference
-from tests.helpers import REL_L2_TOL, TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels
+from tests.helpers import (REL_L2_TOL, TF32_REL_L2_TOL, assert_rel_l2, check_compiled_launches_kernels,
+                           check_cuda_graph_replay)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,6 +531,16 @@ def test_gpu_cached_launches_and_unaligned_views_match():
     assert all(torch.equal(a, b) for a, b in zip(third, fourth))
     for a, b in zip(first, third):
         assert_rel_l2(b.float(), a.float(), 1e-2)  # a wrong specialization would read garbage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dilation", [1, 4])
+def test_gpu_cuda_graph_replay_matches_eager(dilation):
+    """Forward and backward (d_rpb's reduction included) capture as one CUDA graph and replay to eager's numbers
+    on new inputs: no host sync and no per-call state, so CUDA-graphed steps can hold the fused kernels."""
+    check_cuda_graph_replay(lambda q, k, v, rpb: na2d(q, k, v, 7, dilation, rpb, backend="triton"),
+                            list(_inputs(3, 28, 28, 4, 32, (7, 7), dtype=torch.bfloat16, device="cuda",
+                                         requires_grad=True)))
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import torch
 from attnzoo.blocks import set_attention_backend
 from attnzoo.blocks.window import PartitionAttention2d
 from attnzoo.kernels.partitioned_attention import partitioned_attention
-from tests.helpers import assert_rel_l2, check_compiled_launches_kernels, poison_
+from tests.helpers import assert_rel_l2, check_compiled_launches_kernels, check_cuda_graph_replay, poison_
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -218,6 +218,18 @@ def test_gpu_compiled_model_launches_kernels_itself(mode, shift):
         lambda q, k, v, rpb: partitioned_attention(q, k, v, 7, mode, shift, rpb, backend="triton"), make_inputs,
         (64, 72, 80), ("_pa_fwd", "_pa_bwd"), "partitioned_attention",
         (1e-4, 1e-4, 1e-4, 1e-4, 1e-2))  # the bias gradient is summed with atomics
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_matches_eager():
+    """Forward and backward capture as one CUDA graph and replay to eager's numbers on new inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, 28, 28, 4, 32, generator=g).to("cuda", torch.bfloat16)
+    rpb = torch.randn(4, 13, 13, generator=g).to("cuda")
+    check_cuda_graph_replay(lambda q, k, v, rpb: partitioned_attention(q, k, v, 7, "window", (3, 3), rpb,
+                                                                       backend="triton"),
+                            [t.requires_grad_() for t in (q, k, v, rpb)],
+                            (0.0, 0.0, 0.0, 0.0, 1e-2))  # the bias gradient is summed with atomics
 
 
 @pytest.mark.gpu
