@@ -98,13 +98,12 @@ def kernel_times_ms(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
     return times
 
 
-def graphed_time_ms(fn: Callable[[], Any], rep: int = 100) -> float:
-    """Median milliseconds of ``fn()`` captured once as a CUDA graph and replayed: the call without its per-call
-    host work (Python, dispatch, launches), as a CUDA-graphed step (``torch.compile(mode="reduce-overhead")``)
-    runs it. Warmed up on a side stream first, as capture requires, and captured on that stream. Autograd nodes
-    of earlier eager calls that are still alive would tie the default stream into the capture (autograd waits on
-    a leaf's gradient accumulator's stream), so unreachable ones are collected first, and torch versions that can
-    redirect such a stale stream to the capturing one are told to."""
+def capture_cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn()`` captured once as a CUDA graph: ``(graph, what the captured call returned)``, whose tensors the
+    replays overwrite. Warmed up on a side stream first, as capture requires, and captured on that stream.
+    Autograd nodes of earlier eager calls that are still alive would tie the default stream into the capture
+    (autograd waits on a leaf's gradient accumulator's stream), so unreachable ones are collected first, and
+    torch versions that can redirect such a stale stream to the capturing one are told to."""
     gc.collect()
     override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
     if override is not None:
@@ -112,16 +111,24 @@ def graphed_time_ms(fn: Callable[[], Any], rep: int = 100) -> float:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, stream=side):
-            fn()
+            result = fn()
     finally:
         if override is not None:
             override(False)
+    return graph, result
+
+
+def graphed_time_ms(fn: Callable[[], Any], rep: int = 100) -> float:
+    """Median milliseconds of ``fn()`` captured once as a CUDA graph (:func:`capture_cuda_graph`) and replayed:
+    the call without its per-call host work (Python, dispatch, launches), as a CUDA-graphed step
+    (``torch.compile(mode="reduce-overhead")``) runs it."""
+    graph, _ = capture_cuda_graph(fn)
     try:
         return time_ms(graph.replay, rep=rep)
     finally:

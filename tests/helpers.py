@@ -96,28 +96,21 @@ def check_compiled_launches_kernels(op, make_inputs, batches, kernels: tuple[str
             assert f"attnzoo.{op_name}" not in code
 
 
-
 def check_cuda_graph_replay(op, inputs: list[torch.Tensor], tols: tuple[float, ...] | None = None) -> None:
     """``op(*inputs)``'s forward and backward captured once as a CUDA graph (as ``torch.compile(mode=
     "reduce-overhead")`` or ``torch.cuda.make_graphed_callables`` would), then replayed on fresh values copied
     into ``inputs``: output and gradients equal an eager call on those values, bit for bit (``tols``: rel L2 per
     output, then per input, for ops whose backward sums with atomics). Fails if the op synchronises with the
     host, allocates outside the graph's pool, or keeps per-call state the replay would reuse."""
+    from benchmarks.harness import capture_cuda_graph
+
     dout = torch.randn_like(op(*inputs))
 
     def step():
         out = op(*inputs)
         return (out, *torch.autograd.grad(out, inputs, dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step, warmup=2)
     with torch.no_grad():
         for t in inputs:
             t.copy_(torch.randn_like(t))
