@@ -143,11 +143,14 @@ def check() -> list[dict]:
 
 
 def sweep(jobs: int, compile_only: bool = False, kernels=KERNELS, cases=None, with_rpb=True, walked=None,
-          imgs=(1,)) -> list[dict]:
+          imgs=(1,), warps=(4,)) -> list[dict]:
     from attnzoo.kernels import na2d_triton as T
 
-    cands = [c + (i,) for c in CANDIDATES for i in imgs
-             if walked is None or (c[:2] == (8, 8) and c[4] == 4 and f"{c[2]}x{c[3]}" in walked)]
+    base = CANDIDATES
+    if walked is not None:  # 8 x 8 owned tiles with these walked blocks, at each warp count of ``warps``
+        base = [c[:4] + (w,) + c[5:] for c in CANDIDATES for w in warps
+                if c[:2] == (8, 8) and c[4] == 4 and f"{c[2]}x{c[3]}" in walked]
+    cands = [c + (i,) for c in base for i in imgs]
     work = [(ci, kernel, cand, with_rpb) for ci, case in enumerate(CASES) for kernel in kernels for cand in cands
             if (cases is None or case[0] in cases) and _valid(case, T.Tiles(*cand))]
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -218,13 +221,17 @@ def ab(baseline: str, jobs: int, cases=None, repeats: int = 3) -> list[dict]:
         for kernel, with_rpb in itertools.product(KERNELS, (True, False)):
             runs = {name: _runner(case, kernel, None, with_rpb, mod) for name, mod in versions.items()}
             ms = {name: [] for name in runs}
+            bwd = {name: [] for name in runs}  # dq's runner is the whole backward: all its kernels
             for _ in range(repeats):
                 for name, fn in runs.items():
                     times = kernel_times_ms(fn)
                     ms[name].append(sum(t for n, t in times.items() if KERNEL_NAMES[kernel] in n))
+                    bwd[name].append(sum(times.values()))
             row = dict(case=case[0], kernel=kernel, rpb=with_rpb,
                        **{f"{name}_ms": statistics.median(v) for name, v in ms.items()},
                        **{f"{name}_spread": (max(v) - min(v)) / statistics.median(v) for name, v in ms.items()})
+            if kernel == "dq":
+                row.update({f"{name}_backward_ms": statistics.median(v) for name, v in bwd.items()})
             row["speedup"] = row["baseline_ms"] / row["current_ms"]
             rows.append(row)
             print(row, flush=True)
@@ -439,7 +446,9 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="compile/sweep: kernels")
     ap.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="compile/sweep: cases (default all)")
     ap.add_argument("--walked", nargs="+", metavar="KBYxKBX",
-                    help="compile/sweep: only the candidates with 8x8 owned tiles, 4 warps and these walked blocks")
+                    help="compile/sweep: only the candidates with 8x8 owned tiles and these walked blocks")
+    ap.add_argument("--warps", nargs="+", type=int, default=[4], choices=[2, 4, 8],
+                    help="compile/sweep with --walked: warps per program of each candidate")
     ap.add_argument("--no-rpb", action="store_true", help="compile/sweep without a bias (the kernels' baseline)")
     ap.add_argument("--imgs", nargs="+", type=int, default=[1], choices=[1, 2],
                     help="compile/sweep: images per program of each candidate")
@@ -453,7 +462,9 @@ def main() -> None:
         report = Report(args.name or "na2d_ab", "na2d Triton kernels against an earlier version",
                         notes="device time of one kernel per call (torch.profiler, mean of 20 calls; median of 3 "
                               "alternating repeats), bf16, each version at its own tile choice; rpb: with a learned "
-                              "bias (dq then includes the window-layout dS for d_rpb); speedup = baseline / current.")
+                              "bias (dq then includes the window-layout dS for d_rpb); speedup = baseline / current; "
+                              "*_backward_ms (dq rows): every kernel of the backward call (dq, dk/dv and d_rpb's "
+                              "reduction).")
         for row in ab(args.baseline, args.jobs, args.cases):
             report.add(**row)
     elif args.what == "drpb":
@@ -482,7 +493,8 @@ def main() -> None:
                               "with a learned bias (dq then includes the window-layout dS for d_rpb) or without one; "
                               "dq always includes delta.")
         for row in sweep(args.jobs, compile_only=args.what == "compile", kernels=args.kernels, cases=args.cases,
-                         with_rpb=not args.no_rpb, walked=args.walked, imgs=args.imgs):
+                         with_rpb=not args.no_rpb, walked=args.walked, imgs=args.imgs,
+                         warps=args.warps):
             report.add(**row)
         if args.what == "compile":
             return
