@@ -221,6 +221,18 @@ def test_triton_backward_tiles_of_mid_size_maps():
 
 
 @pytest.mark.triton_interpret
+def test_triton_dq_tiles_of_wide_heads_with_a_bias_gradient():
+    """Head dims 33-64 with a bias gradient take dq on 4 x 8 walked blocks of two images (one image of 8 x 8 blocks
+    without one); on a batch of 3 the last program has one image: every gradient against the float64 reference."""
+    from attnzoo.kernels import na2d_triton as T
+
+    assert T.choose_tiles("dq", 12, 11, (5, 5), 48, 4, rpb_grad=True) == T.Tiles(8, 8, 4, 8, 4, 3, imgs=2)
+    assert T.choose_tiles("dq", 12, 11, (5, 5), 48, 4) == T.Tiles(8, 8, 8, 8, 4, 3, imgs=1)
+    _check_triton_vs_reference(dict(B=3, H=12, W=11, N=1, D=48, kernel_size=(5, 5), dilation=(1, 1), with_rpb=True,
+                                    rpb_grad=True, dtype=torch.float32), "cpu")
+
+
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("imgs", [1, 2])
 def test_triton_images_per_program_with_an_odd_batch(imgs, monkeypatch):
     """All three kernels with one or two images per program on a batch of 3 (with two, the last program has one

@@ -572,11 +572,12 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
 
     8 x 8 owned tiles (the rectangle a tile walks grows as (8 + k - 1)^2 per 64 owned points). Walked blocks for
     head_dim <= 32: 2 x 16 on large sub-grids, 4 x 8 on sub-grids of one tile (NAT's 7x7 stage, DiNAT's dilated
-    stages) and of 17-32 points per side (NAT's 28x28 stage); dq with a bias gradient walks 2 x 8 there (4 x 8 on
-    one tile). Two images per program (they share each block's masks and gathered bias) in dq with a bias gradient
-    (their dS is summed and stored once), in dk/dv on one-tile sub-grids, and in the forward up to head_dim 64.
-    Larger heads take 4 x 8 blocks (8 x 8 for dq), where 16-wide blocks score too many keys outside a k >= 13
-    rectangle, and one image per program in the backward.
+    stages) and of 17-32 points per side (NAT's 28x28 stage); dq with a bias gradient walks 2 x 8 everywhere. Two
+    images per program (they share each block's masks and gathered bias) in dq with a bias gradient except on one
+    tile (their dS is summed and stored once), in dk/dv on one-tile sub-grids, and in the forward up to head_dim
+    64. Larger heads take 4 x 8 blocks (8 x 8 for dq without a bias gradient), where 16-wide blocks score too many
+    keys outside a k >= 13 rectangle; up to head_dim 64, dq with a bias gradient takes two images of them, the
+    rest of the backward one.
     Chosen from the H200 sweeps in benchmarks/NOTES_na2d.md (``python -m benchmarks.na2d_tune sweep``).
     """
     by, bx = min(8, _p2(sub_h)), min(8, _p2(sub_w))
@@ -589,7 +590,9 @@ def choose_tiles(kernel: str, sub_h: int, sub_w: int, kernel_size: tuple[int, in
         imgs = 2 if head_dim <= 64 else 1
     elif kernel == "dq":
         if small and rpb_grad:
-            kby, kbx, stages, imgs = (4, 8, 3, 2) if one_tile else (2, 8, 3, 2)
+            kby, kbx, stages, imgs = (2, 8, 3, 1) if one_tile else (2, 8, 3, 2)
+        elif rpb_grad and head_dim <= 64:
+            kby, kbx, stages, imgs = 4, 8, 3, 2
         elif one_tile or (mid and small):
             kby, kbx, stages = 4, 8, 3
         else:
