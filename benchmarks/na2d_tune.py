@@ -9,8 +9,10 @@ cache), so the timing pass in this process only loads binaries. ``choose_tiles``
     python -m benchmarks.na2d_tune check      # GPU correctness, writes benchmarks/results/na2d_check.{json,md}
     python -m benchmarks.na2d_tune compile    # fill Triton's cache (worker processes)
     python -m benchmarks.na2d_tune sweep      # time the candidates, writes benchmarks/results/na2d_tune.{json,md}
+    python -m benchmarks.na2d_tune sweep --kernels dq --walked 2x8 4x8 --imgs 1 2 --warps 4 8   # a subset
     git show REV:attnzoo/kernels/na2d_triton.py > base.py
-    python -m benchmarks.na2d_tune ab --baseline base.py   # each kernel against an earlier version, one process
+    python -m benchmarks.na2d_tune ab --baseline base.py   # each kernel (and the whole backward) against an
+                                                           # earlier version, one process
     python -m benchmarks.na2d_tune drpb       # the d_rpb reduction's constants, writes na2d_drpb.{json,md}
 """
 from __future__ import annotations
