@@ -242,25 +242,36 @@ def ab(baseline: str, jobs: int, cases=None, repeats: int = 3) -> list[dict]:
     return rows
 
 
-DRPB_CANDIDATES = [(br, bc, progs) for br in (16, 32, 64) for bc in (32, 64, 128, 256)
-                   for progs in (512, 1024, 2048, 4096)]  # (DRPB_BR, DRPB_BC, DRPB_PROGRAMS)
+# (DRPB_BR, DRPB_BC, DRPB_PROGRAMS, DRPB_BIN_PREC): round 14's geometry in each precision, then larger blocks and
+# more programs on tensor cores (round 14's full geometry sweep, in exact fp32 products: na2d_drpb_r14.md)
+DRPB_CANDIDATES = [(16, 64, 1024, p) for p in ("ieee", "tf32x3", "tf32")] + [
+    (br, bc, progs, "tf32x3") for br, bc, progs in ((32, 64, 1024), (16, 128, 1024), (32, 128, 1024),
+                                                    (64, 128, 1024), (16, 64, 2048))]
 
 
 @contextlib.contextmanager
 def _drpb_constants(T, cand):
     """The reduction kernel's module constants set to ``cand`` (a benchmark-side override)."""
-    default = (T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS)
-    T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS = cand
+    names = ("DRPB_BR", "DRPB_BC", "DRPB_PROGRAMS", "DRPB_BIN_PREC")
+    default = tuple(getattr(T, n) for n in names)
+    for n, val in zip(names, cand):
+        setattr(T, n, val)
     try:
         yield
     finally:
-        T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS = default
+        for n, val in zip(names, default):
+            setattr(T, n, val)
+
+
+def _cand(row: dict) -> tuple:
+    return row["BR"], row["BC"], row["programs"], row["prec"]
 
 
 def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict]:
     """The d_rpb reduction (window-layout dS -> bias gradient) per case: round 13's torch path (fp32 batch sum
     and two one-hot matmuls) against the reduction kernel at each candidate of its constants; device time of
-    all kernels of one call, the bandwidth it reaches over the dS bytes, and the error vs float64. With
+    all kernels of one call, the bandwidth it reaches over the dS bytes, and the error vs float64. dS has the
+    image groups the dq kernel writes (its images per program summed). With
     ``baseline`` (an earlier na2d_triton.py) then the whole backward with a learned bias at the shipped
     constants and at the sweep's best (geometric mean of time over the best per case) against the baseline,
     alternating ``repeats`` times in this process (medians)."""
@@ -272,11 +283,13 @@ def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict
 
     rows = []
     picked = [c for c in CASES if cases is None or c[0] in cases]
-    shipped = (T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS)
+    shipped = (T.DRPB_BR, T.DRPB_BC, T.DRPB_PROGRAMS, T.DRPB_BIN_PREC)
     for case in picked:
         name, B, H, W, N, D, k, d = case
+        groups = T._plan("dq", (H, W, N, D), torch.bfloat16, (k, k), (d, d), True, True,
+                         torch.backends.cuda.matmul.allow_tf32).groups(B)
         g = torch.Generator(device="cuda").manual_seed(0)
-        dsnb = torch.randn(B, N, H, k, W, k + 1, device="cuda", generator=g).to(torch.bfloat16)
+        dsnb = torch.randn(groups, N, H, k, W, k + 1, device="cuda", generator=g).to(torch.bfloat16)
         ref = rpb_grad_from_window_ds(dsnb, (k, k), (d, d))
         gbytes = dsnb.numel() * dsnb.element_size() / 1e9
 
@@ -294,7 +307,7 @@ def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict
             try:
                 with _drpb_constants(T, cand):
                     rows.append(row("kernel", lambda: T.rpb_grad_from_window_ds(dsnb, (k, k), (d, d)), BR=cand[0],
-                                    BC=cand[1], programs=cand[2], shipped=cand == shipped))
+                                    BC=cand[1], programs=cand[2], prec=cand[3], shipped=cand == shipped))
             except Exception as e:  # out of resources
                 print(name, cand, type(e).__name__, flush=True)
         dsnb = ref = my = mx = None
@@ -302,8 +315,8 @@ def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict
     kern = [r for r in rows if r["variant"] == "kernel"]
     best_ms = {c[0]: min(r["device_ms"] for r in kern if r["case"] == c[0]) for c in picked}
     score = {cand: statistics.geometric_mean([r["device_ms"] / best_ms[r["case"]] for r in kern
-                                              if (r["BR"], r["BC"], r["programs"]) == cand]) for cand in DRPB_CANDIDATES
-             if sum((r["BR"], r["BC"], r["programs"]) == cand for r in kern) == len(picked)}
+                                              if _cand(r) == cand]) for cand in DRPB_CANDIDATES
+             if sum(_cand(r) == cand for r in kern) == len(picked)}
     best = min(score, key=score.get)
     print("best overall", best, "score %.3f" % score[best], "shipped", shipped, "score %.3f" % score[shipped],
           flush=True)
@@ -319,7 +332,7 @@ def drpb(cases=None, baseline: str | None = None, repeats: int = 3) -> list[dict
                     for n, fn in runs.items():
                         ms[n].append(sum(kernel_times_ms(fn).values()))
             r = dict(case=case[0], variant="backward with d_rpb", BR=cand[0], BC=cand[1], programs=cand[2],
-                     shipped=cand == shipped, **{f"{n}_ms": statistics.median(v) for n, v in ms.items()})
+                     prec=cand[3], shipped=cand == shipped, **{f"{n}_ms": statistics.median(v) for n, v in ms.items()})
             r["speedup"] = r["baseline_ms"] / r["current_ms"]
             rows.append(r)
             print(r, flush=True)
@@ -455,7 +468,7 @@ def main() -> None:
     ap.add_argument("--imgs", nargs="+", type=int, default=[1], choices=[1, 2],
                     help="compile/sweep: images per program of each candidate")
     ap.add_argument("--baseline", help="ab, drpb: an earlier na2d_triton.py to time against")
-    ap.add_argument("--name", help="ab, sweep: result file name (default na2d_ab, na2d_tune)")
+    ap.add_argument("--name", help="ab, sweep, drpb: result file name (default na2d_ab, na2d_tune, na2d_drpb)")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     args = ap.parse_args()
     if args.what == "ab":
@@ -470,9 +483,10 @@ def main() -> None:
         for row in ab(args.baseline, args.jobs, args.cases):
             report.add(**row)
     elif args.what == "drpb":
-        report = Report("na2d_drpb", "na2d d_rpb reduction: kernel constants against the torch path",
+        report = Report(args.name or "na2d_drpb", "na2d d_rpb reduction: kernel constants against the torch path",
                         notes="device time of all kernels of one call (torch.profiler, mean of 20 calls), bf16 "
-                              "window-layout dS of each case; gb_per_s over the dS bytes read; rel_l2 vs float64; "
+                              "window-layout dS of each case (the dq kernel's image groups); gb_per_s over the dS "
+                              "bytes read; rel_l2 vs float64; prec: the one-hot products' input precision; "
                               "shipped: the shipped constants; backward with d_rpb: all kernels of the backward "
                               "against --baseline, median of 3 alternating repeats.")
         for row in drpb(args.cases, args.baseline):

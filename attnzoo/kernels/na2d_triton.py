@@ -493,14 +493,15 @@ def _table_index(pos, n, offset, DIL: tl.constexpr, KS: tl.constexpr):
 @triton.jit
 def _na2d_drpb_kernel(DSNB, PART, B, H, W, NH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       DH: tl.constexpr, DW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                      TRP: tl.constexpr, TCP: tl.constexpr):
+                      TRP: tl.constexpr, TCP: tl.constexpr, BIN_PREC: tl.constexpr):
     """Partials of d_rpb from the dq kernel's window-layout dS, seen per head as ``[R, C]`` (R = H*kh rows
     ``(y, window row)``, C = W*(kw+1) columns ``(x, slot)``).
 
     Program (g, split, h) walks blocks g, g + G, ... of BR x BC of head h; for each it sums the split-th slice
     of the batch (fp32) and bins the sum by relative offset with two one-hot products (one-hots built from the
     window starts); it writes its ``[2kh-1, 2kw-1]`` partial to PART[h, :, :, split * G + g] (``[NH, TR, TC,
-    parts]``), which the host sums over its last axis. Every sum runs in a fixed order."""
+    parts]``), which the host sums over its last axis. Every sum runs in a fixed order. BIN_PREC: the products'
+    input precision (the one-hots are exact in any; it decides how the fp32 sums enter)."""
     g, split, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     R, C = H * KH, W * (KW + 1)
     n_cb = tl.cdiv(C, BC)
@@ -527,7 +528,7 @@ def _na2d_drpb_kernel(DSNB, PART, B, H, W, NH: tl.constexpr, KH: tl.constexpr, K
         t_col = tl.where(offs_c < C, _table_index(x, W, x_start // 2 * 2 - x_start + offs_c % (KW + 1), DW, KW), -1)
         my = (offs_tr[:, None] == t_row[None, :]).to(tl.float32)  # [TRP, BR]
         mx = (t_col[:, None] == offs_tc[None, :]).to(tl.float32)  # [BC, TCP]
-        part += tl.dot(my, tl.dot(acc, mx, input_precision="ieee"), input_precision="ieee")
+        part += tl.dot(my, tl.dot(acc, mx, input_precision=BIN_PREC), input_precision=BIN_PREC)
     TR: tl.constexpr = 2 * KH - 1
     TC: tl.constexpr = 2 * KW - 1
     parts = tl.num_programs(0) * tl.num_programs(1)
@@ -660,6 +661,9 @@ DRPB_BR, DRPB_BC = 16, 64
 DRPB_PROGRAMS = 1024
 """Programs the d_rpb reduction aims for: the blocks are walked by at most this many programs, and the batch is
 split (up to 8 ways) while there are fewer blocks."""
+DRPB_BIN_PREC = "ieee"
+"""Input precision of the reduction's one-hot products: exact fp32. Tensor-core products ("tf32x3", "tf32") ran
+slower or lost accuracy on the H200 (``python -m benchmarks.na2d_tune drpb`` sweeps them)."""
 
 
 def _drpb_grid(batch, heads: int, rows: int, cols: int) -> tuple:
@@ -734,5 +738,6 @@ def rpb_grad_from_window_ds(dsnb: torch.Tensor, kernel_size: tuple[int, int], di
     grid = _drpb_grid(B, N, H * kh, W * (kw + 1))
     part = torch.empty((N, 2 * kh - 1, 2 * kw - 1, grid[0] * grid[1]), dtype=torch.float32, device=dsnb.device)
     _DRPB(grid, dsnb, part, B, H, W, NH=N, KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], BR=DRPB_BR, BC=DRPB_BC,
-          TRP=max(16, _p2(2 * kh - 1)), TCP=max(16, _p2(2 * kw - 1)), num_warps=4)
+          TRP=max(16, _p2(2 * kh - 1)), TCP=max(16, _p2(2 * kw - 1)),
+          BIN_PREC=DRPB_BIN_PREC, num_warps=4)
     return part.sum(-1)
