@@ -17,9 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
-KERNEL_RESULTS = ["na2d", "na2d_r9", "na2d_r13", "na2d_r14", "na2d_r15", "na2d_r16", "na2d_r17", "na2d_ab_r13",
-                  "na2d_ab_r13_where",
-                  "na2d_drpb_r14", "na2d_ab_r15", "na2d_ab_r15_imgs2", "na2d_ab_r17", "na2d_ab_onetile_r17",
+KERNEL_RESULTS = ["na2d", "na2d_r9", "na2d_r13", "na2d_r14", "na2d_r15", "na2d_r16", "na2d_r17", "na2d_r18",
+                  "na2d_ab_r13", "na2d_ab_r13_where",
+                  "na2d_drpb_r14", "na2d_drpb_r18", "na2d_ab_r15", "na2d_ab_r15_imgs2", "na2d_ab_r17",
+                  "na2d_ab_onetile_r17",
                   "na2d_check", "na2d_tune",
                   "na2d_tune_r13", "na2d_tune_imgs_r15", "na2d_tune_imgs_norpb_r15", "na2d_tune_warps_dq_r17",
                   "na2d_tune_warps_dkdv_r17", "na2d_tune_warps_fwd_r17", "na2d_tune_bwd",
@@ -33,6 +34,7 @@ SECTIONS = [("Kernels", KERNEL_RESULTS),
                         "models_twins_r10_lrf_compiled", "models_twins_r12", "tokens_layout_nhwc",
                         "tokens_layout_tokens", "tokens_layout_train_nhwc", "tokens_layout_train_tokens",
                         "models_nat_r12", "models_nat_r13", "models_nat_r16", "models_biformer_small_r17",
+                        "models_dinat_tiny_r18",
                         "focalnet_modulation",
                         "focalnet_modulation_eager", "models_twins_davit",
                         "models_biformer_1024", "saved_memory", "saved_memory_bf16"]),
